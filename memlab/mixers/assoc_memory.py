@@ -1,0 +1,633 @@
+"""Associative-memory core shared by Titans (MAC, MAG, MAL) and Miras (Moneta, Yaad, Memora).
+
+The memory is a small MLP per head whose weights are learned *at test time*: every token writes a
+key/value pair by one step of online optimisation of an attentional-bias objective
+``loss(M(k), v)``. The four Miras choices map onto this file as:
+
+- memory architecture: ``mlp_forward`` (``depth`` layers, GELU, optional ``x + LN(MLP(x))``);
+- attentional bias: ``LpBias`` (``||e||_p^p``; p=2 is Titans' ``||M(k) - v||^2``), ``HuberBias`` (Yaad);
+- retention: ``DecayRetention`` (Titans / Yaad weight decay), ``LqRetention`` (Moneta's
+  ``W = A / ||A||_q^(q-2)``), ``KLRetention`` (Memora: weights on the probability simplex, updated
+  by a softmax of the retained log-weights);
+- learning algorithm: gradient descent with a data-dependent step, optionally with momentum
+  (Titans' "surprise" ``S_t = eta_t S_{t-1} - theta_t grad``).
+
+Every retention rule is linear in an *accumulator* ``A`` from which the weights are read:
+``A_t = a_t A_{t-1} + S_t`` (``a_t`` the keep gate), ``W_t = f(A_t)``. For Memora this holds
+exactly because softmax ignores a per-column shift, so ``a_t log W_{t-1}`` and ``a_t A_{t-1}``
+give the same weights. That makes one chunked parallel form serve all models:
+
+Chunked form (Titans section 3.2, Miras section 5.4). Within a chunk of ``chunk_size`` tokens all
+gradients are taken at the memory as of the chunk's start, so they are computed together (batched
+over tokens with a hand-written MLP backward pass); the momentum and retention recurrences are
+then summed in closed form with cumulative products of the gates, which reduces the whole chunk
+to per-token weights on the gradients. Tokens read the memory as of their chunk's start. The chunk
+grid is absolute: a partial chunk's keys, values and gates wait in a fixed-size buffer in the
+state, and the memory changes only when the chunk completes, so a whole-sequence forward,
+chunked calls and token-by-token decoding compute the same function.
+
+Shapes: B batch, H heads, T tokens, N tokens in a chunk, D head dim, Din/Dout one memory layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlab.mixers.base import MixerConfig, State, check_divides, check_positive
+
+# ---------------------------------------------------------------------------------------------
+# Attentional biases: the per-token objective loss(M(k), v), written through the error e = M(k) - v.
+
+
+class AttentionalBias:
+    """A per-token objective of the error e (..., D); ``n_extra`` data-dependent scalars per token."""
+
+    name = ""
+    n_extra = 0
+
+    def loss(self, e: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """e: (..., D) -> (...,) the loss of each token."""
+        raise NotImplementedError
+
+    def grad(self, e: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """e: (..., D) -> (..., D) d loss / d M(k), written in closed form."""
+        raise NotImplementedError
+
+
+class LpBias(AttentionalBias):
+    """``||e||_p^p`` (Miras eq. 10); p=2 is the L2 regression of Titans.
+
+    The gradient is ``p |e|^(p-1) sign(e)``. For p < 2 it is not smooth at 0, so, as Miras
+    suggests, ``|e|`` is replaced by ``sqrt(e^2 + eps)`` (the loss becomes ``(e^2 + eps)^(p/2)``,
+    whose gradient is ``p e (e^2 + eps)^(p/2 - 1)``); p >= 2 uses the exact form.
+    """
+
+    name = "lp"
+
+    def __init__(self, p: float = 2.0, eps: float = 1e-6) -> None:
+        if not p >= 1:
+            raise ValueError(f"LpBias: p must be >= 1, got {p!r}")
+        self.p, self.eps = float(p), float(eps)
+
+    def loss(self, e: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        if self.p >= 2:
+            return e.abs().pow(self.p).sum(-1)
+        return (e * e + self.eps).pow(self.p / 2).sum(-1)
+
+    def grad(self, e: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        if self.p == 2:
+            return 2 * e
+        if self.p > 2:
+            return self.p * e * e.abs().pow(self.p - 2)
+        return self.p * e * (e * e + self.eps).pow(self.p / 2 - 1)
+
+
+class HuberBias(AttentionalBias):
+    """Yaad's Huber-type objective (Miras eq. 16) with a data-dependent threshold delta_t.
+
+    ``1/2 ||e||_2^2`` while ``||e||_2 <= delta_t`` (gradient e), else ``delta_t ||e||_1``
+    (gradient ``delta_t sign(e)``): small errors are fitted, large ones (outliers) move the
+    memory by a bounded amount.
+    """
+
+    name = "huber"
+    n_extra = 1
+
+    def _small(self, e: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(e, dim=-1) <= delta
+
+    def loss(self, e: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        delta = extra[..., 0]
+        return torch.where(self._small(e, delta), 0.5 * (e * e).sum(-1), delta * e.abs().sum(-1))
+
+    def grad(self, e: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        delta = extra[..., 0]
+        small = self._small(e, delta)[..., None]
+        return torch.where(small, e, delta[..., None] * torch.sign(e))
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention: how the weights are read from the accumulator (all retention recurrences are linear
+# in the accumulator, see the module docstring).
+
+
+class Retention:
+    """Maps an accumulator (..., Din, Dout) to memory weights of the same shape."""
+
+    name = ""
+
+    def weights(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc
+
+    def renormalize(self, acc: torch.Tensor) -> torch.Tensor:
+        """A representative of acc with the same weights (keeps the accumulator bounded)."""
+        return acc
+
+    def init_accumulator(self, w0: torch.Tensor) -> torch.Tensor:
+        """The learned initial accumulator, given random weights w0 scaled like 1/sqrt(Din)."""
+        return w0
+
+
+class DecayRetention(Retention):
+    """Weight decay / forget gate (Titans, Yaad): W_t = a_t W_{t-1} + update; the weights are A."""
+
+    name = "decay"
+
+
+class LqRetention(Retention):
+    """Moneta's l_q memory stability: ``W = A / ||A||_q^(q-2)`` per layer matrix (q=2: plain A)."""
+
+    name = "lq"
+
+    def __init__(self, q: float = 4.0, eps: float = 1e-12) -> None:
+        if not q >= 2:
+            raise ValueError(f"LqRetention: q must be >= 2, got {q!r}")
+        self.q, self.eps = float(q), float(eps)
+
+    def weights(self, acc: torch.Tensor) -> torch.Tensor:
+        if self.q == 2:
+            return acc
+        norm = torch.linalg.vector_norm(acc, ord=self.q, dim=(-2, -1), keepdim=True)
+        return acc / norm.clamp_min(self.eps).pow(self.q - 2)
+
+
+class KLRetention(Retention):
+    """Memora's KL retention: ``W_t = c softmax(a_t log W_{t-1} - eta_t grad)`` (Miras eq. 27).
+
+    Every column (the input weights of one output unit) lies on the simplex scaled by ``c``.
+    The accumulator holds the log-weights; softmax ignores a per-column shift, so the recurrence
+    on the logits is linear and the chunked closed form is exact.
+    """
+
+    name = "kl"
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ValueError(f"KLRetention: scale must be > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def weights(self, acc: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.softmax(acc, dim=-2)
+
+    def renormalize(self, acc: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(acc, dim=-2)
+
+    def init_accumulator(self, w0: torch.Tensor) -> torch.Tensor:
+        # Random log-weights (not uniform): identical columns would receive identical updates
+        # forever and the hidden units could never differ.
+        return torch.log_softmax(w0 * math.sqrt(w0.shape[-2]), dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP memory, its forward pass and a hand-written backward pass (per token, batched).
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """Derivative of the exact (erf) GELU z * Phi(z)."""
+    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + z * pdf
+
+
+def _layer_norm(z: torch.Tensor, eps: float) -> torch.Tensor:
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).pow(2).mean(-1, keepdim=True)
+    return (z - mu) * torch.rsqrt(var + eps)
+
+
+def _layer_norm_backward(z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient through a LayerNorm without affine: r (g - mean(g) - y mean(g y))."""
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).pow(2).mean(-1, keepdim=True)
+    r = torch.rsqrt(var + eps)
+    y = (z - mu) * r
+    return r * (g - g.mean(-1, keepdim=True) - y * (g * y).mean(-1, keepdim=True))
+
+
+@dataclass(frozen=True)
+class MLPCache:
+    """What the backward pass needs: inputs of every layer and pre-activations."""
+
+    inputs: list[torch.Tensor]
+    pre: list[torch.Tensor]
+
+
+def mlp_forward(
+    ws: list[torch.Tensor], x: torch.Tensor, residual_norm: bool, eps: float = 1e-5
+) -> tuple[torch.Tensor, MLPCache]:
+    """The memory M(x). ws[i]: (B, H, Din_i, Dout_i); x: (B, H, N, D) -> (B, H, N, D).
+
+    ``h_{i} = gelu(h_{i-1} @ W_i)`` between layers (no activation after the last one); with
+    ``residual_norm`` the output is ``x + LN(h_L)`` (the TTT / Titans memory block), otherwise
+    ``h_L`` (depth 1 then gives the linear memory ``x @ W``).
+    """
+    inputs, pre = [x], []
+    a = x
+    for i, w in enumerate(ws):
+        z = a @ w
+        pre.append(z)
+        if i < len(ws) - 1:
+            a = F.gelu(z)
+            inputs.append(a)
+    out = x + _layer_norm(z, eps) if residual_norm else z
+    return out, MLPCache(inputs, pre)
+
+
+def mlp_backward(
+    ws: list[torch.Tensor], cache: MLPCache, g: torch.Tensor, residual_norm: bool, eps: float = 1e-5
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token gradient factors: for layer i, (input_i (B,H,N,Din), delta_i (B,H,N,Dout)).
+
+    The gradient of token n's loss w.r.t. W_i is ``outer(input_i[n], delta_i[n])``; callers
+    contract these with per-token weights instead of materialising N gradients.
+    g: (B, H, N, D) is d loss / d M(x) of every token.
+    """
+    d = _layer_norm_backward(cache.pre[-1], g, eps) if residual_norm else g
+    factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in reversed(range(len(ws))):
+        factors.append((cache.inputs[i], d))
+        if i > 0:
+            d = (d @ ws[i].transpose(-1, -2)) * _gelu_grad(cache.pre[i - 1])
+    return factors[::-1]
+
+
+def weighted_grads(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor
+) -> list[torch.Tensor]:
+    """sum_n weights[s, n] * grad_n for every layer: weights (S, B, H, N) -> [(S, B, H, Din, Dout)]."""
+    out = []
+    for a, d in factors:
+        out.append((a.unsqueeze(0) * weights[..., None]).transpose(-1, -2) @ d.unsqueeze(0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The core: learned initial memory + one chunk's update in closed form.
+
+
+class AssocMemory(nn.Module):
+    """Per-head MLP memory updated by chunked online optimisation.
+
+    State keys (prefix ``mem.``): ``w{i}`` the accumulator of layer i (B, H, Din_i, Dout_i) and,
+    with momentum, ``s{i}`` the momentum ("surprise") of the same shape.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_heads: int,
+        dim: int,
+        depth: int = 2,
+        expansion: int = 4,
+        residual_norm: bool = True,
+        bias: AttentionalBias,
+        retention: Retention,
+        momentum: bool,
+        ln_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.dim, self.depth = n_heads, dim, depth
+        self.residual_norm, self.momentum, self.ln_eps = residual_norm, momentum, ln_eps
+        self.bias, self.retention = bias, retention
+        dims = [dim] + [dim * expansion] * (depth - 1) + [dim]
+        self.shapes = list(zip(dims[:-1], dims[1:], strict=True))
+        # The memory's starting weights are meta-learned by the outer loop (one set per head).
+        self.init_acc = nn.ParameterList(
+            nn.Parameter(retention.init_accumulator(torch.randn(n_heads, i, o) / math.sqrt(i)))
+            for i, o in self.shapes
+        )
+
+    def init_state(self, batch_size: int) -> State:
+        st: State = {}
+        for i, p in enumerate(self.init_acc):
+            st[f"mem.w{i}"] = p.unsqueeze(0).expand(batch_size, *p.shape)
+            if self.momentum:
+                st[f"mem.s{i}"] = torch.zeros(batch_size, *p.shape, device=p.device, dtype=p.dtype)
+        return st
+
+    def weights(self, st: State) -> list[torch.Tensor]:
+        """The memory weights [(B, H, Din_i, Dout_i)] as of the state."""
+        return [self.retention.weights(st[f"mem.w{i}"]) for i in range(self.depth)]
+
+    def evaluate(self, ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Read the memory: x (B, H, N, D) -> M(x) (B, H, N, D)."""
+        return mlp_forward(ws, x, self.residual_norm, self.ln_eps)[0]
+
+    def loss(self, ws: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None):
+        """Per-token attentional-bias loss (B, H, N) of the pairs (k, v) under weights ws."""
+        return self.bias.loss(self.evaluate(ws, k) - v, extra)
+
+    def update(
+        self,
+        st: State,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        log_keep: torch.Tensor,
+        lr: torch.Tensor,
+        log_mom: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> State:
+        """Absorb one complete chunk. k, v: (B, H, N, D); gates (B, H, N); extra (B, H, N, E).
+
+        Token-level rule (gradients g_n taken at the chunk-start weights W_0):
+            S_n = eta_n S_{n-1} - theta_n g_n          (without momentum: S_n = -theta_n g_n)
+            A_n = a_n A_{n-1} + S_n,                   W = retention(A_N) after the chunk
+        with a = exp(log_keep), eta = exp(log_mom), theta = lr. Summed in closed form:
+            A_N = P_a(1..N) A_0 + c_S S_0 - sum_n w_n g_n,   S_N = P_eta(1..N) S_0 - sum_n u_n g_n
+            w_n = theta_n sum_{i>=n} P_a(i+1..N) P_eta(n+1..i),  u_n = theta_n P_eta(n+1..N),
+            c_S = sum_i P_a(i+1..N) P_eta(1..i),
+        every product taken as exp of a difference of cumulative log-gates (never a division).
+        """
+        if self.momentum != (log_mom is not None):
+            raise ValueError(f"log_mom must be given exactly when momentum is on (momentum={self.momentum})")
+        ws = self.weights(st)
+        out, cache = mlp_forward(ws, k, self.residual_norm, self.ln_eps)
+        factors = mlp_backward(ws, cache, self.bias.grad(out - v, extra), self.residual_norm, self.ln_eps)
+
+        cum_a = log_keep.cumsum(-1)  # (B, H, N)
+        total_a = cum_a[..., -1:]
+        tail_a = total_a - cum_a  # log P_a(n+1..N) <= 0
+        keep_all = total_a.exp()[..., None]  # (B, H, 1, 1)
+        new: State = {}
+        if log_mom is None:
+            w = lr * tail_a.exp()
+            grads = weighted_grads(factors, w.unsqueeze(0))
+            for i in range(self.depth):
+                new[f"mem.w{i}"] = self.retention.renormalize(keep_all * st[f"mem.w{i}"] - grads[i][0])
+            return new
+        cum_e = log_mom.cumsum(-1)  # (B, H, N)
+        n = cum_e.shape[-1]
+        lower = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
+        diff = cum_e[..., :, None] - cum_e[..., None, :]  # [i, n] = log P_eta(n+1..i) for i >= n
+        decay_mom = torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp()  # (B, H, N, N)
+        w_acc = lr * (tail_a.exp().unsqueeze(-2) @ decay_mom).squeeze(-2)
+        w_mom = lr * (cum_e[..., -1:] - cum_e).exp()
+        c_mom = (tail_a + cum_e).exp().sum(-1)[..., None, None]
+        mom_all = cum_e[..., -1:].exp()[..., None]
+        grads = weighted_grads(factors, torch.stack([w_acc, w_mom]))
+        for i in range(self.depth):
+            acc, mom = st[f"mem.w{i}"], st[f"mem.s{i}"]
+            new[f"mem.w{i}"] = self.retention.renormalize(keep_all * acc + c_mom * mom - grads[i][0])
+            new[f"mem.s{i}"] = mom_all * mom - grads[i][1]
+        return new
+
+
+def reference_update(
+    core: AssocMemory,
+    st: State,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_keep: torch.Tensor,
+    lr: torch.Tensor,
+    log_mom: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+) -> State:
+    """The same chunk update applied token by token, gradients from autograd (the test oracle).
+
+    Independent of the closed form: it runs the recurrences of ``AssocMemory.update`` one token
+    at a time and takes each token's gradient with ``torch.autograd.grad`` of the bias loss.
+    """
+    ws0 = [w.detach().requires_grad_(True) for w in core.weights(st)]
+    accs = [st[f"mem.w{i}"] for i in range(core.depth)]
+    moms = [st[f"mem.s{i}"] for i in range(core.depth)] if log_mom is not None else None
+    for n in range(k.shape[2]):
+        with torch.enable_grad():
+            ex = extra[:, :, n : n + 1] if extra is not None else None
+            loss = core.loss(ws0, k[:, :, n : n + 1], v[:, :, n : n + 1], ex).sum()
+            grads = torch.autograd.grad(loss, ws0)
+        a = log_keep[:, :, n].exp()[..., None, None]
+        th = lr[:, :, n][..., None, None]
+        for i, g in enumerate(grads):
+            if moms is not None:
+                moms[i] = log_mom[:, :, n].exp()[..., None, None] * moms[i] - th * g
+                step = moms[i]
+            else:
+                step = -th * g
+            accs[i] = a * accs[i] + step
+    new: State = {f"mem.w{i}": core.retention.renormalize(acc) for i, acc in enumerate(accs)}
+    if moms is not None:
+        new.update({f"mem.s{i}": m for i, m in enumerate(moms)})
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections and the chunk scan with a partial-chunk buffer.
+
+
+class ShortConv(nn.Module):
+    """Linear projection, causal depthwise convolution over time, SiLU (Titans / Miras q, k, v).
+
+    The state is the last ``kernel - 1`` projected inputs (B, kernel-1, C); kernel <= 1 means no
+    convolution.
+    """
+
+    def __init__(self, d_in: int, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, channels, bias=False)
+        self.kernel, self.channels = kernel, channels
+        if kernel > 1:
+            bound = 1.0 / math.sqrt(kernel)
+            self.conv = nn.Parameter(torch.empty(channels, 1, kernel).uniform_(-bound, bound))
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(batch_size, max(self.kernel - 1, 0), self.channels, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, d_in) -> (B, T, C) and the new conv state."""
+        u = self.proj(x)
+        if self.kernel <= 1:
+            return F.silu(u), conv_state
+        full = torch.cat([conv_state.to(u.dtype), u], dim=1)  # (B, kernel-1+T, C)
+        y = F.conv1d(full.transpose(1, 2), self.conv.to(u.dtype), groups=self.channels).transpose(1, 2)
+        return F.silu(y), full[:, full.shape[1] - (self.kernel - 1) :]
+
+
+@dataclass(kw_only=True)
+class AssocMemoryConfig(MixerConfig):
+    """Options of the neural memory shared by the Titans and Miras mixers."""
+
+    n_heads: int = 4
+    chunk_size: int = 64  # tokens per memory update (the grid is absolute)
+    mem_depth: int = 2  # MLP layers in the memory
+    mem_expansion: int = 4  # hidden width = mem_expansion * head_dim
+    mem_residual_norm: bool = True  # memory is x + LN(MLP(x)); False with depth 1 is linear
+    conv_size: int = 4  # causal depthwise conv on q, k, v; 0 or 1 disables it
+    lr_max: float = 0.5  # the data-dependent step theta_t lies in (0, lr_max)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "n_heads", "chunk_size", "mem_depth", "mem_expansion")
+        check_divides(self, "n_heads", "d_model")
+        if not isinstance(self.conv_size, int) or self.conv_size < 0:
+            raise ValueError(f"{type(self).__name__}.conv_size must be an int >= 0, got {self.conv_size!r}")
+        if not self.lr_max > 0:
+            raise ValueError(f"{type(self).__name__}.lr_max must be > 0, got {self.lr_max!r}")
+
+
+# Gate initialisations: keep ~0.99 per token (slow forgetting), momentum ~0.9, step lr_max/2,
+# Huber threshold 1.
+_KEEP_BIAS = 4.6
+_MOM_BIAS = 2.2
+_DELTA_BIAS = 0.5413  # softplus^-1(1)
+
+
+class NeuralMemory(nn.Module):
+    """Projections, data-dependent gates and the chunked scan around an ``AssocMemory``.
+
+    ``queries`` maps a read stream to normalised queries, ``writes`` a write stream to keys,
+    values and gates; ``scan`` reads and writes a whole sequence; ``read`` / ``absorb`` let a
+    mixer interleave them (MAC writes attention outputs). State keys start with ``mem.``.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_in: int,
+        n_heads: int,
+        head_dim: int,
+        chunk_size: int,
+        depth: int,
+        expansion: int,
+        residual_norm: bool,
+        conv_size: int,
+        lr_max: float,
+        bias: AttentionalBias,
+        retention: Retention,
+        momentum: bool,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
+        self.lr_max, self.momentum = lr_max, momentum
+        inner = n_heads * head_dim
+        self.q_proj = ShortConv(d_in, inner, conv_size)
+        self.kv_proj = ShortConv(d_in, 2 * inner, conv_size)
+        # gate channels: log keep, step, [log momentum], [bias extras]
+        self.n_gates = 2 + int(momentum) + bias.n_extra
+        self.gate_proj = nn.Linear(d_in, n_heads * self.n_gates)
+        with torch.no_grad():
+            b = self.gate_proj.bias.view(n_heads, self.n_gates)
+            b.zero_()
+            b[:, 0] = _KEEP_BIAS
+            if momentum:
+                b[:, 2] = _MOM_BIAS
+            b[:, 2 + int(momentum) :] = _DELTA_BIAS
+        self.core = AssocMemory(
+            n_heads=n_heads,
+            dim=head_dim,
+            depth=depth,
+            expansion=expansion,
+            residual_norm=residual_norm,
+            bias=bias,
+            retention=retention,
+            momentum=momentum,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # The memory accumulates many small updates: keep it at least in float32.
+        return torch.promote_types(dtype, torch.float32)
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        sd = self.state_dtype(dtype)
+        st = {k: v.to(device=device, dtype=sd) for k, v in self.core.init_state(batch_size).items()}
+        h, c, d = self.n_heads, self.chunk_size, self.head_dim
+        st["mem.k"] = torch.zeros(batch_size, h, c, d, device=device, dtype=sd)
+        st["mem.v"] = torch.zeros(batch_size, h, c, d, device=device, dtype=sd)
+        st["mem.g"] = torch.zeros(batch_size, h, c, self.n_gates, device=device, dtype=sd)
+        st["mem.n"] = 0  # tokens of the current chunk already buffered
+        st["mem.conv_q"] = self.q_proj.init_state(batch_size, device, dtype)
+        st["mem.conv_kv"] = self.kv_proj.init_state(batch_size, device, dtype)
+        return st
+
+    # -- projections ---------------------------------------------------------------------------
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.n_heads, -1).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, d_in) -> unit-norm queries (B, H, T, D) and the new conv state."""
+        q, conv_state = self.q_proj(x, conv_state)
+        return F.normalize(self._heads(q), dim=-1), conv_state
+
+    def writes(
+        self, x: torch.Tensor, conv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, T, d_in) -> keys (unit norm), values (B, H, T, D), gates (B, H, T, G), conv state."""
+        kv, conv_state = self.kv_proj(x, conv_state)
+        k, v = self._heads(kv).chunk(2, dim=-1)
+        pre = self._heads(self.gate_proj(x))  # (B, H, T, G)
+        parts = [F.logsigmoid(pre[..., 0]), self.lr_max * torch.sigmoid(pre[..., 1])]
+        if self.momentum:
+            parts.append(F.logsigmoid(pre[..., 2]))
+        parts.extend(F.softplus(pre[..., j]) for j in range(2 + int(self.momentum), self.n_gates))
+        return F.normalize(k, dim=-1), v, torch.stack(parts, dim=-1), conv_state
+
+    # -- memory --------------------------------------------------------------------------------
+    def read(self, st: State, q: torch.Tensor) -> torch.Tensor:
+        """q: (B, H, N, D) -> M(q) with the memory as of the current chunk's start."""
+        ws = self.core.weights(st)
+        return self.core.evaluate(ws, q.to(ws[0].dtype))
+
+    def _update(self, st: State, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> State:
+        mom = g[..., 2] if self.momentum else None
+        extra = g[..., 2 + int(self.momentum) :] if self.n_gates > 2 + int(self.momentum) else None
+        return self.core.update(st, k, v, g[..., 0], g[..., 1], mom, extra)
+
+    def absorb(self, st: State, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> State:
+        """Append M <= chunk_size - n tokens (B, H, M, .) to the pending chunk; update when full."""
+        n, m, c = st["mem.n"], k.shape[2], self.chunk_size
+        if n + m > c:
+            raise ValueError(f"absorb: {m} tokens do not fit the {c - n} left in the chunk")
+        sd = st["mem.k"].dtype
+        k, v, g = k.to(sd), v.to(sd), g.to(sd)
+        st = dict(st)
+        if n == 0 and m == c:  # a whole chunk at once: no need to go through the buffer
+            st.update(self._update(st, k, v, g))
+            return st
+        bufs = {}
+        for name, new in (("mem.k", k), ("mem.v", v), ("mem.g", g)):
+            old = st[name]
+            bufs[name] = torch.cat([old[:, :, :n], new, old[:, :, n + m :]], dim=2)
+        if n + m < c:
+            st.update(bufs)
+            st["mem.n"] = n + m
+            return st
+        st.update(self._update(st, bufs["mem.k"], bufs["mem.v"], bufs["mem.g"]))
+        for name in ("mem.k", "mem.v", "mem.g"):
+            st[name] = torch.zeros_like(st[name])
+        st["mem.n"] = 0
+        return st
+
+    def pieces(self, n_pending: int, t: int) -> list[tuple[int, int]]:
+        """Split t new tokens at the absolute chunk boundaries: [(start, length)]."""
+        out, i, n = [], 0, n_pending
+        while i < t:
+            m = min(self.chunk_size - n, t - i)
+            out.append((i, m))
+            i, n = i + m, (n + m) % self.chunk_size
+        return out
+
+    def scan(self, x: torch.Tensor, st: State) -> tuple[torch.Tensor, State]:
+        """Read then write every token of x (B, T, d_in): returns M(q) (B, H, T, D) and the state.
+
+        A Python loop over chunks only; within a chunk reads and the update are batched.
+        """
+        st = dict(st)
+        q, st["mem.conv_q"] = self.queries(x, st["mem.conv_q"])
+        k, v, g, st["mem.conv_kv"] = self.writes(x, st["mem.conv_kv"])
+        outs = []
+        for i, m in self.pieces(st["mem.n"], x.shape[1]):
+            outs.append(self.read(st, q[:, :, i : i + m]))
+            st = self.absorb(st, k[:, :, i : i + m], v[:, :, i : i + m], g[:, :, i : i + m])
+        return torch.cat(outs, dim=2).to(x.dtype), st
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)

@@ -1,0 +1,310 @@
+"""Titans (Behrouz et al. 2024): a neural long-term memory beside attention, in three variants.
+
+The long-term memory is ``NeuralMemory`` from ``assoc_memory`` with Titans' choices: L2
+attentional bias ``||M(k) - v||^2``, momentum ("surprise") ``S_t = eta_t S_{t-1} - theta_t grad``,
+weight-decay forgetting ``M_t = (1 - alpha_t) M_{t-1} + S_t`` (the keep gate is ``1 - alpha_t``),
+all three gates data-dependent; an MLP memory per head trained with the chunked parallel form.
+Persistent memory: ``n_persistent`` learned tokens prepended to every attention context (their
+keys and values come from the attention's own projections, without a position).
+
+- ``titans_mac`` (memory as context): the sequence is cut into segments of ``chunk_size``. For a
+  segment, memory tokens ``h = M(q)`` are read with the segment's queries (memory as of the
+  segment's start), attention runs over ``[persistent | h | segment]`` (causal over h and the
+  segment), the attention output y is written into the memory when the segment completes, and
+  the output is ``y * sigmoid(M(y))``. The paper reads this gate from the memory *after* the
+  segment's write, which would let a token see later tokens of its segment; here it is read
+  from the memory as of the segment's start so that the mixer stays causal.
+- ``titans_mag`` (memory as gate): sliding-window attention with persistent tokens as prefix,
+  and the memory branch on the same input, combined as ``norm(y) * sigmoid(norm(M(x)))``.
+- ``titans_mal`` (memory as layer): ``u = x + M(x)`` then sliding-window attention over u with the
+  persistent prefix. The residual stands for the residual connection of the paper's separate
+  memory layer; without it the attention would see only the memory's reading of x.
+
+Persistent tokens are not written into the memory: they are the same for every sequence, so
+their writes are absorbed by the memory's learned initial weights.
+
+State: memory weights + momentum + the partial chunk's buffer (fixed size) + conv tails, plus the
+last ``window - 1`` keys/values (MAG, MAL) or the partial segment's keys/values (MAC). Bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlab.mixers.assoc_memory import (
+    AssocMemoryConfig,
+    DecayRetention,
+    LpBias,
+    NeuralMemory,
+    merge_heads,
+)
+from memlab.mixers.base import Mixer, State, check_positive, register
+from memlab.mixers.rope import rotary
+
+
+@dataclass(kw_only=True)
+class TitansConfig(AssocMemoryConfig):
+    """Titans options; for ``titans_mac`` ``chunk_size`` is the segment length."""
+
+    n_persistent: int = 4  # learned persistent-memory tokens in front of every attention context
+    rope: bool = True
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
+            raise ValueError(
+                f"{type(self).__name__}.n_persistent must be an int >= 0, got {self.n_persistent!r}"
+            )
+        if self.rope and (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"{type(self).__name__}: rope needs an even head dim, got {self.d_model // self.n_heads}"
+            )
+
+
+@dataclass(kw_only=True)
+class TitansWindowConfig(TitansConfig):
+    window: int = 64  # sliding-window attention: a query at t sees keys in (t - window, t]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "window")
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Sliding-window causal attention with an always-visible prefix.
+
+    q, k, v: (B, H, T, D) new tokens; cache_k/v: (B, H, L, D), the L <= window-1 tokens just
+    before them; pk, pv: (B, H, P, D) persistent keys/values. Query t sees the prefix and the
+    keys at positions (t - window, t]. Returns (B, H, T, D). Long inputs run block by block
+    (blocks of ``window`` queries against 2*window-1 keys), so cost and memory are linear in T.
+    """
+    b, h, t, d = q.shape
+    n_cache, n_p, w = cache_k.shape[2], pk.shape[2], window
+    dev = q.device
+    if t <= w:
+        keys = torch.cat([pk, cache_k, k], dim=2)
+        vals = torch.cat([pv, cache_v, v], dim=2)
+        kpos = torch.arange(-n_cache, t, device=dev)[None, :]
+        qpos = torch.arange(t, device=dev)[:, None]
+        local = (kpos <= qpos) & (kpos > qpos - w)
+        mask = torch.cat([torch.ones(t, n_p, dtype=torch.bool, device=dev), local], dim=1)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+    nblk = -(-t // w)
+    tp = nblk * w
+    pad_left = w - 1 - n_cache
+
+    def padded(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        # (B, H, w-1+tp, D) -> windows (B, H, nblk, 2w-1, D): block i sees padded keys [i*w, i*w+2w-1)
+        full = torch.cat(
+            [new.new_zeros(b, h, pad_left, d), cache, new, new.new_zeros(b, h, tp - t, d)], dim=2
+        )
+        return full.unfold(2, 2 * w - 1, w).transpose(-1, -2)
+
+    kw, vw = padded(cache_k, k), padded(cache_v, v)
+    a = torch.arange(w, device=dev)[:, None]
+    c = torch.arange(2 * w - 1, device=dev)[None, :]
+    band = (c >= a) & (c <= a + w - 1)  # (w, 2w-1): key in (t - w, t]
+    j = torch.arange(nblk, device=dev)[:, None] * w + c  # padded key index (nblk, 2w-1)
+    key_ok = (j >= pad_left) & (j < w - 1 + t)
+    # Padding queries (past T) may see the zero keys: their rows are dropped, but must stay finite.
+    q_pad = (torch.arange(nblk, device=dev)[:, None] * w + a.T) >= t  # (nblk, w)
+    mask = band[None] & (key_ok[:, None, :] | q_pad[:, :, None])  # (nblk, w, 2w-1)
+    mask = torch.cat([torch.ones(nblk, w, n_p, dtype=torch.bool, device=dev), mask], dim=-1)
+    keys = torch.cat([pk[:, :, None].expand(b, h, nblk, n_p, d), kw], dim=3)
+    vals = torch.cat([pv[:, :, None].expand(b, h, nblk, n_p, d), vw], dim=3)
+    qb = F.pad(q, (0, 0, 0, tp - t)).reshape(b * h, nblk, w, d)
+    out = F.scaled_dot_product_attention(
+        qb, keys.reshape(b * h, nblk, -1, d), vals.reshape(b * h, nblk, -1, d), attn_mask=mask
+    )
+    return out.reshape(b, h, tp, d)[:, :, :t]
+
+
+class _Titans(Mixer):
+    """Shared parts: the neural memory, attention projections, persistent tokens."""
+
+    Config = TitansConfig
+
+    def __init__(self, config: TitansConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.n_heads = c.n_heads
+        self.head_dim = c.d_model // c.n_heads
+        self.memory = NeuralMemory(
+            d_in=c.d_model,
+            n_heads=c.n_heads,
+            head_dim=self.head_dim,
+            chunk_size=c.chunk_size,
+            depth=c.mem_depth,
+            expansion=c.mem_expansion,
+            residual_norm=c.mem_residual_norm,
+            conv_size=c.conv_size,
+            lr_max=c.lr_max,
+            bias=LpBias(2.0),
+            retention=DecayRetention(),
+            momentum=True,
+        )
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model, bias=False)
+        self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.mem_out = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.persistent = nn.Parameter(torch.randn(c.n_persistent, c.d_model))
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _rope(self, t: torch.Tensor, start: int) -> torch.Tensor:
+        if not self.config.rope:
+            return t
+        pos = torch.arange(start, start + t.shape[2], device=t.device)
+        return rotary(t, pos, self.config.rope_base)
+
+    def _persistent_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the persistent tokens: (B, H, P, D) each, position-free."""
+        _, k, v = self.qkv(self.persistent.to(dtype)[None]).chunk(3, dim=-1)
+        return (self._split(k).expand(batch, -1, -1, -1), self._split(v).expand(batch, -1, -1, -1))
+
+    def _check_state(self, x: torch.Tensor, state: State | None) -> State:
+        self.check_input(x)
+        return self.init_state(x.shape[0], x.device, x.dtype) if state is None else dict(state)
+
+
+class _WindowTitans(_Titans):
+    """MAG and MAL: sliding-window attention with a persistent prefix and a window KV cache."""
+
+    Config = TitansWindowConfig
+    test_config = {"n_heads": 4, "chunk_size": 4, "window": 6, "n_persistent": 2, "mem_expansion": 2}
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        st = self.memory.init_state(batch_size, device, dtype)
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        st.update({"attn.k": empty, "attn.v": empty.clone(), "pos": 0})
+        return st
+
+    def _attend(self, u: torch.Tensor, st: State) -> tuple[torch.Tensor, State]:
+        """Sliding-window attention over u (B, T, d_model) continuing the cache in st."""
+        b, t, _ = u.shape
+        q, k, v = (self._split(p) for p in self.qkv(u).chunk(3, dim=-1))
+        q, k = self._rope(q, st["pos"]), self._rope(k, st["pos"])
+        pk, pv = self._persistent_kv(b, u.dtype)
+        ck, cv = st["attn.k"], st["attn.v"]
+        y = window_attention(q, k, v, ck, cv, pk, pv, self.config.window)
+        keep = self.config.window - 1
+        k_all, v_all = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        start = max(k_all.shape[2] - keep, 0)
+        st["attn.k"], st["attn.v"] = k_all[:, :, start:], v_all[:, :, start:]
+        st["pos"] = st["pos"] + t
+        return self.attn_out(merge_heads(y)), st
+
+
+@register("titans_mag")
+class TitansMAG(_WindowTitans):
+    """Memory as a gate: ``norm(SWA([persistent | x])) * sigmoid(norm(M(x)))``."""
+
+    def __init__(self, config: TitansWindowConfig) -> None:
+        super().__init__(config)
+        self.norm_y = nn.Parameter(torch.ones(config.d_model))
+        self.norm_m = nn.Parameter(torch.ones(config.d_model))
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
+        st = self._check_state(x, state)
+        d = (self.config.d_model,)
+        reads, st = self.memory.scan(x, st)
+        m = self.mem_out(merge_heads(reads))
+        y, st = self._attend(x, st)
+        o = F.rms_norm(y, d, self.norm_y) * torch.sigmoid(F.rms_norm(m, d, self.norm_m))
+        return self.out(o), st
+
+
+@register("titans_mal")
+class TitansMAL(_WindowTitans):
+    """Memory as a layer: ``SWA([persistent | x + M(x)])``."""
+
+    def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
+        st = self._check_state(x, state)
+        reads, st = self.memory.scan(x, st)
+        u = x + self.mem_out(merge_heads(reads))
+        return self._attend(u, st)
+
+
+@register("titans_mac")
+class TitansMAC(_Titans):
+    """Memory as context: per segment, attention over [persistent | M(q) | segment]."""
+
+    test_config = {"n_heads": 4, "chunk_size": 4, "n_persistent": 2, "mem_expansion": 2}
+
+    def __init__(self, config: TitansConfig) -> None:
+        super().__init__(config)
+        self.gate_out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        st = self.memory.init_state(batch_size, device, dtype)
+        # The attention output y is a second stream into the memory (queries for the gate,
+        # keys/values for the write); its query conv needs its own tail.
+        st["mac.conv_qy"] = self.memory.q_proj.init_state(batch_size, device, dtype)
+        seg = torch.zeros(
+            batch_size, self.n_heads, self.config.chunk_size, self.head_dim, device=device, dtype=dtype
+        )
+        for name in ("mac.hk", "mac.hv", "mac.xk", "mac.xv"):
+            st[name] = seg.clone()
+        return st
+
+    def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
+        st = self._check_state(x, state)
+        b, t, _ = x.shape
+        seg = self.config.chunk_size
+        qm, st["mem.conv_q"] = self.memory.queries(x, st["mem.conv_q"])
+        xq, xk, xv = (self._split(p) for p in self.qkv(x).chunk(3, dim=-1))
+        pk, pv = self._persistent_kv(b, x.dtype)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        outs = []
+        for i, m in self.memory.pieces(st["mem.n"], t):
+            n = st["mem.n"]
+            # memory tokens: the segment's queries read the memory as of the segment's start
+            h = self.memory.read(st, qm[:, :, i : i + m]).to(x.dtype)
+            _, hk, hv = (self._split(p) for p in self.qkv(self.mem_out(merge_heads(h))).chunk(3, dim=-1))
+            new = {
+                "mac.hk": self._rope(hk, n),
+                "mac.hv": hv,
+                "mac.xk": self._rope(xk[:, :, i : i + m], n),
+                "mac.xv": xv[:, :, i : i + m],
+            }
+            buf = {
+                name: torch.cat([st[name][:, :, :n], val, st[name][:, :, n + m :]], dim=2)
+                for name, val in new.items()
+            }
+            q = self._rope(xq[:, :, i : i + m], n)
+            keys = torch.cat([pk, buf["mac.hk"], buf["mac.xk"]], dim=2)
+            vals = torch.cat([pv, buf["mac.hv"], buf["mac.xv"]], dim=2)
+            dev = x.device
+            seen = torch.arange(seg, device=dev)[None, :] <= torch.arange(n, n + m, device=dev)[:, None]
+            mask = torch.cat([torch.ones(m, pk.shape[2], dtype=torch.bool, device=dev), seen, seen], 1)
+            y = self.attn_out(
+                merge_heads(F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale))
+            )
+            # output gate read from the memory as of the segment's start (causal, see docstring)
+            qy, st["mac.conv_qy"] = self.memory.queries(y, st["mac.conv_qy"])
+            gate = self.gate_out(merge_heads(self.memory.read(st, qy).to(x.dtype)))
+            outs.append(y * torch.sigmoid(gate))
+            ky, vy, gy, st["mem.conv_kv"] = self.memory.writes(y, st["mem.conv_kv"])
+            st = self.memory.absorb(st, ky, vy, gy)
+            if st["mem.n"] == 0:  # segment complete: its attention context is dropped
+                st.update({name: torch.zeros_like(val) for name, val in buf.items()})
+            else:
+                st.update(buf)
+        return torch.cat(outs, dim=1), st
