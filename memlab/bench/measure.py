@@ -1,0 +1,203 @@
+"""What a run measures besides its task metric: state bytes, time, peak memory, environment.
+
+- State bytes come from the state tensors themselves after a real prefill (``mixers.state_nbytes``),
+  never from a formula, so a mixer that keeps more than it claims is caught.
+- Time on CUDA uses events around the region after warm-up and reports the median.
+- Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA, the process RSS high-water mark on CPU.
+- The environment (git sha, package versions, device name) is stored with every run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memlab.mixers import state_nbytes
+
+PACKAGES = ("torch", "triton", "transformers", "memlab")
+
+
+# -- devices ------------------------------------------------------------------------------
+def resolve_device(spec: str | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when present, else CPU. ``"cuda"``/``"cuda:N"``/``"cpu"`` as given.
+
+    Under torchrun (LOCAL_RANK set) ``auto`` and ``cuda`` pick the rank's own GPU.
+    """
+    if spec is None or spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {spec!r} was asked for but CUDA is not available here; use --device cpu"
+            )
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the device: the GPU model, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# -- environment --------------------------------------------------------------------------
+def git_sha(path: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit of the memlab checkout (with ``-dirty`` when it has uncommitted changes).
+
+    None when memlab is not run from a git checkout (an installed wheel).
+    """
+    root = Path(path) if path is not None else Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package (None when it is not installed)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Everything needed to tell where a number came from."""
+    env: dict[str, Any] = {
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "device": str(device),
+        "device_name": device_name(device),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# -- state bytes --------------------------------------------------------------------------
+@torch.no_grad()
+def prefill_state_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of every tensor in the model's per-layer states after a prefill of ``ids``.
+
+    ids: (1, L) token ids; the model is called as ``model(ids) -> (logits, states)`` (memlab LM).
+    Batch 1 so the number is the memory one sequence needs to continue decoding.
+    """
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"ids must have shape (1, L) for a batch-1 prefill, got {tuple(ids.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        _, states = model(ids)
+    finally:
+        model.train(was_training)
+    return state_nbytes(states)
+
+
+# -- time ---------------------------------------------------------------------------------
+def median_time(fn: Callable[[], Any], *, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    On CUDA each call is timed with events (GPU time, no host overhead in between); on CPU with
+    ``time.perf_counter``.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup} repeats={repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -- memory -------------------------------------------------------------------------------
+def rss_peak_bytes() -> int:
+    """The process's resident-set high-water mark (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class PeakMemory:
+    bytes: int = 0
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
+    """Peak memory during the block: CUDA allocator peak, or the CPU RSS high-water mark.
+
+    The CPU number cannot be reset, so it is the process peak up to the end of the block.
+    """
+    result = PeakMemory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            result.bytes = int(torch.cuda.max_memory_allocated(device))
+        else:
+            result.bytes = rss_peak_bytes()
