@@ -457,7 +457,10 @@ class AssocMemoryConfig(MixerConfig):
     mem_expansion: int = 4  # hidden width = mem_expansion * head_dim
     mem_residual_norm: bool = True  # memory is x + LN(MLP(x)); False with depth 1 is linear
     conv_size: int = 4  # causal depthwise conv on q, k, v; 0 or 1 disables it
-    lr_max: float = 0.5  # the data-dependent step theta_t lies in (0, lr_max)
+    # The data-dependent step theta_t lies in (0, lr_max). A chunk sums up to chunk_size gradients
+    # taken at the same weights, so the stable step shrinks with the chunk: 0.1 keeps the linear
+    # memory stable for chunks of 64 unit keys in 16-32 dims.
+    lr_max: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
