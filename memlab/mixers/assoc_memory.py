@@ -145,8 +145,8 @@ class LqRetention(Retention):
     name = "lq"
 
     def __init__(self, q: float = 4.0, eps: float = 1e-12) -> None:
-        if not q >= 2:
-            raise ValueError(f"LqRetention: q must be >= 2, got {q!r}")
+        if not q > 1:
+            raise ValueError(f"LqRetention: q must be > 1, got {q!r}")
         self.q, self.eps = float(q), float(eps)
 
     def weights(self, acc: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""Miras (Behrouz et al. 2025): Moneta, Yaad and Memora on the shared associative-memory core.
+
+Each model is one choice of attentional bias and retention for ``NeuralMemory`` (see
+``assoc_memory``); the memory is a 2-layer MLP ``x + LN(W2 gelu(W1 x))`` per head (expansion 4),
+learned at test time by gradient descent with data-dependent step ``eta_t`` and keep gate
+``alpha_t`` (both per head and token), in the chunked parallel form:
+
+- ``moneta``: l_p attentional bias ``||M(k) - v||_p^p`` (``p``, default 3) with l_q memory
+  stability (``q``, default 4): ``A_t = alpha_t A_{t-1} - eta_t grad``, ``W_t = A_t / ||A_t||_q^(q-2)``.
+- ``yaad``: Huber attentional bias with a data-dependent threshold ``delta_t``: an L2 step while
+  ``||M(k) - v||_2 <= delta_t``, else ``delta_t`` times an L1 (sign) step; weight-decay retention
+  ``W_t = alpha_t W_{t-1} - eta_t grad``.
+- ``memora``: L2 attentional bias with KL retention: every column of every memory matrix lies on
+  the simplex (scaled by ``simplex_scale``), ``W_t = c softmax(alpha_t log W_{t-1} - eta_t grad)``.
+
+The block follows the paper's (modern linear-RNN) layout: q, k, v projections with a short causal
+convolution and SiLU, unit-norm q and k, the memory read, a per-head RMSNorm and an output gate
+``sigmoid(x W_g)``, then the output projection. The paper makes eta, alpha (and delta) channel-wise
+through a low-rank projection; here they are one scalar per head and token, as in Titans.
+
+State: memory weights + the partial chunk's buffer (fixed size) + conv tails; constant in T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlab.mixers.assoc_memory import (
+    AssocMemoryConfig,
+    AttentionalBias,
+    DecayRetention,
+    HuberBias,
+    KLRetention,
+    LpBias,
+    LqRetention,
+    NeuralMemory,
+    Retention,
+    merge_heads,
+)
+from memlab.mixers.base import Mixer, State, register
+
+
+@dataclass(kw_only=True)
+class MonetaConfig(AssocMemoryConfig):
+    p: float = 3.0  # l_p attentional bias (p >= 1; below 2 |e| is smoothed as sqrt(e^2 + eps))
+    q: float = 4.0  # l_q retention (q > 1; q = 2 is plain weight decay)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.p >= 1:
+            raise ValueError(f"{type(self).__name__}.p must be >= 1, got {self.p!r}")
+        if not self.q > 1:
+            raise ValueError(f"{type(self).__name__}.q must be > 1, got {self.q!r}")
+
+
+@dataclass(kw_only=True)
+class YaadConfig(AssocMemoryConfig):
+    pass
+
+
+@dataclass(kw_only=True)
+class MemoraConfig(AssocMemoryConfig):
+    simplex_scale: float = 1.0  # c: every memory column sums to c
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.simplex_scale > 0:
+            raise ValueError(f"{type(self).__name__}.simplex_scale must be > 0, got {self.simplex_scale!r}")
+
+
+class _Miras(Mixer):
+    """The Miras block around a ``NeuralMemory`` without momentum; subclasses pick the objective."""
+
+    test_config = {"n_heads": 4, "chunk_size": 4, "mem_expansion": 2}
+
+    def objective(self) -> tuple[AttentionalBias, Retention]:
+        raise NotImplementedError
+
+    def __init__(self, config: AssocMemoryConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.n_heads, self.head_dim = c.n_heads, c.d_model // c.n_heads
+        bias, retention = self.objective()
+        self.memory = NeuralMemory(
+            d_in=c.d_model,
+            n_heads=c.n_heads,
+            head_dim=self.head_dim,
+            chunk_size=c.chunk_size,
+            depth=c.mem_depth,
+            expansion=c.mem_expansion,
+            residual_norm=c.mem_residual_norm,
+            conv_size=c.conv_size,
+            lr_max=c.lr_max,
+            bias=bias,
+            retention=retention,
+            momentum=False,
+        )
+        self.norm = nn.Parameter(torch.ones(c.n_heads, 1, self.head_dim))
+        self.gate = nn.Linear(c.d_model, c.d_model)
+        self.out = nn.Linear(c.d_model, c.d_model, bias=False)
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        return self.memory.init_state(batch_size, device, dtype)
+
+    def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
+        self.check_input(x)
+        st = self.init_state(x.shape[0], x.device, x.dtype) if state is None else dict(state)
+        reads, st = self.memory.scan(x, st)  # (B, H, T, D)
+        o = F.rms_norm(reads, (self.head_dim,)) * self.norm
+        return self.out(merge_heads(o) * torch.sigmoid(self.gate(x))), st
+
+
+@register("moneta")
+class Moneta(_Miras):
+    """l_p attentional bias, l_q retention."""
+
+    Config = MonetaConfig
+
+    def objective(self) -> tuple[AttentionalBias, Retention]:
+        return LpBias(self.config.p), LqRetention(self.config.q)
+
+
+@register("yaad")
+class Yaad(_Miras):
+    """Huber attentional bias with a data-dependent threshold, weight-decay retention."""
+
+    Config = YaadConfig
+
+    def objective(self) -> tuple[AttentionalBias, Retention]:
+        return HuberBias(), DecayRetention()
+
+
+@register("memora")
+class Memora(_Miras):
+    """L2 attentional bias, KL retention (memory on the probability simplex)."""
+
+    Config = MemoraConfig
+
+    def objective(self) -> tuple[AttentionalBias, Retention]:
+        return LpBias(2.0), KLRetention(self.config.simplex_scale)
