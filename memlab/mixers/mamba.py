@@ -19,8 +19,8 @@ the training form here is a scan:
 - the sequence is cut into chunks of ``chunk_size`` tokens and the (B, E, N) state is carried
   from one chunk to the next (a Python loop over chunks, never over tokens);
 - inside a chunk the first-order recurrence h_t = a_t h_{t-1} + b_t is solved by a log-depth
-  (Hillis-Steele) associative scan over the pairs (log a, b), where only exp of non-positive
-  cumulative log-decays is ever taken, so it cannot overflow whatever dt is;
+  (Hillis-Steele) associative scan over the pairs (a, b); it only ever multiplies decays in
+  (0, 1], never divides by a cumulative decay, so it cannot overflow whatever dt is;
 - with ``checkpoint`` on, each chunk's (B, L, E, N) intermediates are recomputed in the backward
   pass instead of stored, so training memory is O(T * (E + N)) plus one chunk's worth.
 
@@ -101,19 +101,21 @@ def _scan_chunk(
     u, dt: (B, L, E); a: (E, N) (negative); bm, cm: (B, L, N); h0: (B, E, N).
     Returns y (B, L, E) and the state after the chunk (B, E, N).
     """
-    log_decay = dt.unsqueeze(-1) * a  # (B, L, E, N), <= 0
+    decay = torch.exp(dt.unsqueeze(-1) * a)  # (B, L, E, N), in (0, 1]
     inp = (dt * u).unsqueeze(-1) * bm.unsqueeze(2)  # (B, L, E, N)
     # Fold the incoming state into the first element, so the inclusive scan yields h directly.
-    first = inp[:, :1] + torch.exp(log_decay[:, :1]) * h0.unsqueeze(1)
+    first = inp[:, :1] + decay[:, :1] * h0.unsqueeze(1)
     h = torch.cat([first, inp[:, 1:]], dim=1)
     length = h.shape[1]
     step = 1
     # Hillis-Steele: after the pass with offset `step`, element i holds the composition of the
-    # (up to) 2 * step elements ending at i; log_decay[i] is the total log-decay of that span.
+    # (up to) 2 * step elements ending at i, and decay[i] the product of their decays. Products of
+    # numbers in (0, 1] can only underflow towards 0, which is the right limit, never overflow.
     while step < length:
-        later = h[:, step:] + torch.exp(log_decay[:, step:]) * h[:, :-step]
+        later = h[:, step:] + decay[:, step:] * h[:, :-step]
         h = torch.cat([h[:, :step], later], dim=1)
-        log_decay = torch.cat([log_decay[:, :step], log_decay[:, step:] + log_decay[:, :-step]], dim=1)
+        if 2 * step < length:  # the last pass needs no decay products after it
+            decay = torch.cat([decay[:, :step], decay[:, step:] * decay[:, :-step]], dim=1)
         step *= 2
     y = torch.einsum("blen,bln->ble", h, cm)
     return y, h[:, -1]
@@ -185,7 +187,8 @@ class Mamba(Mixer):
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.out_proj = nn.Linear(e, c.d_model, bias=c.bias)
         # S4D-real: A[e, n] = -(n + 1), stored as its log so that A stays negative in training.
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1).to(torch.get_default_dtype())).repeat(e, 1))
+        a_init = torch.arange(1, n + 1).to(torch.get_default_dtype())
+        self.A_log = nn.Parameter(torch.log(a_init).repeat(e, 1))
         self.D = nn.Parameter(torch.ones(e))
         self._init_dt()
 
