@@ -1,0 +1,576 @@
+"""``KVCache``: a transformers ``Cache`` that stores ragged per-(batch, KV head) keys and values.
+
+Usage::
+
+    cache = KVCache(model.config, policy=policies.build("snapkv", ratio=0.25))
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+    cache.nbytes()  # bytes of keys and values actually held
+
+Storage. Each layer holds one or more head groups (a policy may give heads different budgets,
+DuoAttention does); a group stores keys and values as (B, S, G, D) tensors with a length per
+(batch, head): rows 0..L-1 are in use. S is the longest (batch, head) of the group, so memory is
+freed whenever budgets shrink, and it is freed per head when heads are put in separate groups.
+Keys are stored rotated at their original positions, so dropping rows never changes the
+positions of the rows that stay; new tokens get positions that continue the count of tokens
+seen (``get_seq_length`` reports that count, not the number of rows held).
+
+Padding. Left-padded batches work: padded columns are never stored, so a padded sequence simply
+holds fewer rows, and attention runs over each (batch, head)'s own rows.
+
+Phases. A forward with more than one new token before ``freeze()`` is a prefill chunk: the
+layer stores the chunk, attends, and compresses to the budget of the tokens seen so far (so
+peak memory follows the budget when the prompt comes in chunks). The first single-token
+forward freezes the cache: from then on the budget is the one of the prompt, and a policy with
+``compress_decoding`` evicts as tokens arrive; others let the cache grow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from memlab.kvcache.attention import ATTN_NAME, active_layers, dense_causal
+from memlab.kvcache.policies import Full, Observation, Policy
+
+
+def ragged_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of new queries over ragged caches through ``memlab.ops.attention.decode``.
+
+    q: (B, Tq, H, D); k, v: (B, S, Hkv, D); lengths: (B, Hkv). Returns (B, Tq, H, D). float64
+    (used by the exactness tests) and head dims the kernel does not take go to its reference,
+    which is the specification the kernel is tested against.
+    """
+    from memlab.ops import attention as ops_attention
+
+    if k.shape[1] == 0:
+        return torch.zeros_like(q)
+    if q.dtype == torch.float64 or q.shape[-1] not in ops_attention.HEAD_DIMS:
+        return ops_attention.decode_reference(q, k, v, lengths, scale=scale)
+    # Lengths are valid by construction; skipping the check avoids a device sync per layer.
+    return ops_attention.decode(q, k, v, lengths.to(torch.int32), scale=scale, check_lengths=False)
+
+
+class HeadGroup:
+    """Keys and values of some KV heads of one layer, with a length per (batch, head)."""
+
+    def __init__(self, heads: list[int]) -> None:
+        self.heads = heads
+        self.keys: torch.Tensor | None = None  # (B, S, G, D)
+        self.values: torch.Tensor | None = None  # (B, S, G, D)
+        self.positions: torch.Tensor | None = None  # (B, S, G) int64 original positions
+        self.lengths: torch.Tensor | None = None  # (B, G) int64
+        self.mass: torch.Tensor | None = None  # (B, S, G) float32, accumulated attention
+
+    def init(self, b: int, d: int, dtype: torch.dtype, device: torch.device, mass: bool) -> None:
+        g = len(self.heads)
+        self.keys = torch.zeros(b, 0, g, d, dtype=dtype, device=device)
+        self.values = torch.zeros(b, 0, g, d, dtype=dtype, device=device)
+        self.positions = torch.zeros(b, 0, g, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros(b, g, dtype=torch.int64, device=device)
+        self.mass = torch.zeros(b, 0, g, dtype=torch.float32, device=device) if mass else None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def metadata_nbytes(self) -> int:
+        out = 0
+        for t in (self.positions, self.lengths, self.mass):
+            if t is not None:
+                out += t.numel() * t.element_size()
+        return out
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store the valid new tokens after each (batch, head)'s rows.
+
+        k, v: (B, T, G, D); pos: (B, T) int64; valid: (B, T) bool, False for padding.
+        """
+        b, t, g, _ = k.shape
+        lengths = self.lengths
+        if bool(valid.all()) and bool((lengths == lengths.flatten()[0]).all()):
+            # Common case (no padding, equal lengths): one concatenation, exact allocation.
+            n0 = int(lengths.flatten()[0])
+            self.keys = torch.cat([self.keys[:, :n0], k], dim=1)
+            self.values = torch.cat([self.values[:, :n0], v], dim=1)
+            self.positions = torch.cat([self.positions[:, :n0], pos[:, :, None].expand(b, t, g)], dim=1)
+            if self.mass is not None:
+                self.mass = torch.cat([self.mass[:, :n0], self.mass.new_zeros(b, t, g)], dim=1)
+            self.lengths = lengths + t
+            return
+        n_new = valid.sum(dim=1)  # (B,)
+        new_lengths = lengths + n_new[:, None]
+        s_new = int(new_lengths.max()) if new_lengths.numel() else 0
+        self.keys = _resize_rows(self.keys, s_new)
+        self.values = _resize_rows(self.values, s_new)
+        self.positions = _resize_rows(self.positions, s_new)
+        if self.mass is not None:
+            self.mass = _resize_rows(self.mass, s_new)
+        rank = valid.long().cumsum(dim=1) - 1  # (B, T): index of each valid token among the new
+        bi, ti = valid.nonzero(as_tuple=True)  # (N,)
+        if bi.numel():
+            dest = lengths[bi] + rank[bi, ti][:, None]  # (N, G)
+            gi = torch.arange(g, device=k.device)[None, :].expand_as(dest)
+            bb = bi[:, None].expand_as(dest)
+            self.keys[bb, dest, gi] = k[bi, ti]
+            self.values[bb, dest, gi] = v[bi, ti]
+            self.positions[bb, dest, gi] = pos[bi, ti][:, None].expand_as(dest)
+            if self.mass is not None:
+                self.mass[bb, dest, gi] = 0.0
+        self.lengths = new_lengths
+
+    def keep(self, idx: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Keep rows ``idx`` (B, K, G) in that order; ``lengths`` (B, G) of them are in use."""
+        d = self.keys.shape[-1]
+        idx4 = idx[..., None].expand(*idx.shape, d)
+        self.keys = self.keys.gather(1, idx4)
+        self.values = self.values.gather(1, idx4)
+        self.positions = self.positions.gather(1, idx)
+        if self.mass is not None:
+            self.mass = self.mass.gather(1, idx)
+        self.lengths = lengths
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        for name in ("keys", "values", "positions", "lengths", "mass"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+
+
+def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Return ``t`` with exactly ``rows`` rows along dim 1 (zero-filled when growing)."""
+    if t.shape[1] == rows:
+        return t
+    if t.shape[1] > rows:
+        return t[:, :rows].contiguous()
+    pad = t.new_zeros(t.shape[0], rows - t.shape[1], *t.shape[2:])
+    return torch.cat([t, pad], dim=1)
+
+
+def select_rows(
+    scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows to keep: the ``budget`` highest scores per (batch, head), in row order.
+
+    scores: (B, S, G); valid: (B, S, G) bool; budget: (B,) or (B, G) int64.
+    Returns idx (B, K, G) with the kept rows first (ascending) and lengths (B, G).
+    """
+    b, s, g = scores.shape
+    if budget.dim() == 1:
+        budget = budget[:, None].expand(b, g)
+    lengths = valid.sum(dim=1)
+    kept = torch.minimum(budget, lengths)
+    k = int(kept.max()) if kept.numel() else 0
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    scores = torch.nan_to_num(scores, nan=float("-inf"))
+    top = scores.topk(k, dim=1, sorted=True).indices  # (B, K, G), best first
+    rank = torch.arange(k, device=scores.device)[None, :, None]
+    in_use = rank < kept[:, None, :]
+    # Kept rows first in row order (their positions stay sorted), unused slots after them.
+    order = torch.where(in_use, top, top + s).sort(dim=1).values
+    idx = torch.where(order >= s, order - s, order)
+    return idx, kept
+
+
+class KVLayer(CacheLayerMixin):
+    """One decoder layer's ragged cache (a transformers cache layer)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, cache: KVCache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.groups: list[HeadGroup] = []
+        self.columns = 0  # columns of the input seen (padding included): what transformers counts
+        self.seen: torch.Tensor | None = None  # (B,) real tokens seen
+        self.qbuf: torch.Tensor | None = None  # (B, W, H, D) last queries
+        self.qvalid: torch.Tensor | None = None  # (B, W) bool
+        self.qpos: torch.Tensor | None = None  # (B, W) int64
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.attended = 0  # rows read by decoding queries, summed over (batch, query head) and steps
+        self.attended_full = 0  # rows a full cache would have held for the same reads
+
+    # --- transformers cache-layer API -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, hkv, _, d = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        policy = self.cache.policy
+        groups = policy.head_groups(self.layer_idx, hkv)
+        flat = sorted(h for grp in groups for h in grp)
+        if flat != list(range(hkv)):
+            raise ValueError(
+                f"policy {policy.name!r} head_groups for layer {self.layer_idx} must partition the "
+                f"{hkv} KV heads, got {groups}"
+            )
+        self.groups = [HeadGroup(list(grp)) for grp in groups if grp]
+        for grp in self.groups:
+            grp.init(b, d, key_states.dtype, key_states.device, mass=policy.needs_mass)
+        self.seen = torch.zeros(b, dtype=torch.int64, device=key_states.device)
+        self.batch_size = b
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Park the new (rotated) keys and values for ``attend``; return them unchanged.
+
+        key_states, value_states: (B, Hkv, T, D).
+        """
+        if self._pending is not None:
+            raise RuntimeError(
+                f"KVCache layer {self.layer_idx}: the previous keys were never attended. The model must "
+                f"use the {ATTN_NAME!r} attention implementation (KVCache(model.config, ...) sets it)."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"KVCache layer {self.layer_idx}: batch size {key_states.shape[0]} differs from the "
+                f"cached batch size {self.batch_size}"
+            )
+        self._pending = (key_states, value_states)
+        active_layers()[self.layer_idx] = self
+        return key_states, value_states
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        # transformers 5.x passes either the query length or a cache_position tensor.
+        arg = args[0] if args else next(iter(kwargs.values()), 0)
+        q = arg.shape[0] if isinstance(arg, torch.Tensor) else int(arg)
+        return self.columns + q, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
+        return -1
+
+    def reset(self) -> None:
+        self.groups = []
+        self.columns = 0
+        self.seen = None
+        self.qbuf = self.qvalid = self.qpos = None
+        self._pending = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a compressed KVCache cannot be cropped: evicted tokens are gone")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        indices = torch.as_tensor(indices, device=self.device)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        for grp in self.groups:
+            grp.select_batch(indices)
+        self.seen = self.seen.index_select(0, indices)
+        for name in ("qbuf", "qvalid", "qpos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, indices))
+        self.batch_size = int(indices.numel())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        index = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
+        self.batch_select_indices(index)
+
+    def offload(self) -> None:
+        raise ValueError("KVCache does not support offloading")
+
+    def prefetch(self) -> None:
+        raise ValueError("KVCache does not support offloading")
+
+    # --- memlab -------------------------------------------------------------------------------
+    def owns(self, key: torch.Tensor) -> bool:
+        return self._pending is not None and self._pending[0] is key
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
+
+    def metadata_nbytes(self) -> int:
+        out = sum(g.metadata_nbytes() for g in self.groups)
+        for t in (self.qbuf, self.qvalid, self.qpos):
+            if t is not None:
+                out += t.numel() * t.element_size()
+        return out
+
+    def head_lengths(self) -> torch.Tensor:
+        """(B, Hkv) int64 rows held per (batch, KV head)."""
+        out = torch.zeros(self.batch_size, sum(len(g.heads) for g in self.groups), dtype=torch.int64)
+        for g in self.groups:
+            out[:, g.heads] = g.lengths.cpu()
+        return out
+
+    def query_heads(self, group: HeadGroup, n_heads: int, n_kv: int) -> list[int]:
+        r = n_heads // n_kv
+        return [h * r + j for h in group.heads for j in range(r)]
+
+    def observation(
+        self, g: HeadGroup, scale: float, phase: str, budget: torch.Tensor | None = None
+    ) -> Observation:
+        queries = None
+        if self.qbuf is not None:
+            qh = self.query_heads(g, self.qbuf.shape[2], self.cache.n_kv_heads)
+            queries = self.qbuf[:, :, qh]
+        return Observation(
+            layer=self.layer_idx,
+            n_layers=self.cache.n_layers,
+            heads=g.heads,
+            keys=g.keys,
+            values=g.values,
+            positions=g.positions,
+            lengths=g.lengths,
+            seen=self.seen,
+            queries=queries,
+            query_valid=self.qvalid,
+            query_positions=self.qpos,
+            mass=g.mass,
+            scale=scale,
+            phase=phase,
+            budget=budget,
+        )
+
+    def attend(self, query: torch.Tensor, mask2d: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Store the parked tokens, attend over the ragged cache, compress. Returns (B, Tq, H, D).
+
+        query: (B, H, Tq, D) rotated; mask2d: (B, columns) bool padding mask or None.
+        """
+        k_new, v_new = self._pending
+        self._pending = None
+        b, h, tq, d = query.shape
+        hkv = k_new.shape[1]
+        cache = self.cache
+        if mask2d is not None:
+            valid = mask2d[:, -tq:].to(device=query.device, dtype=torch.bool)
+            if valid.shape != (b, tq):
+                raise ValueError(f"attention_mask has shape {tuple(mask2d.shape)}, expected (B={b}, >= {tq})")
+            # Left padding only: within the new columns no real token precedes a pad, and a
+            # sequence that already holds tokens gets no more pads.
+            if bool((valid[:, 1:] < valid[:, :-1]).any()) or bool(((self.seen > 0) & ~valid.all(1)).any()):
+                raise ValueError("KVCache supports left padding only (pads before the first real token)")
+        else:
+            valid = torch.ones(b, tq, dtype=torch.bool, device=query.device)
+        phase = "decode" if cache.frozen else "prefill"
+        pos = self.seen[:, None] + valid.long().cumsum(dim=1) - 1  # (B, Tq) original positions
+        was_empty = all(int(g.lengths.max()) == 0 for g in self.groups) if self.groups else True
+        q = query.transpose(1, 2)  # (B, Tq, H, D)
+        kt = k_new.transpose(1, 2)  # (B, Tq, Hkv, D)
+        vt = v_new.transpose(1, 2)
+        for g in self.groups:
+            g.append(kt[:, :, g.heads], vt[:, :, g.heads], pos, valid)
+        self.seen = self.seen + valid.sum(dim=1)
+        self.columns += tq
+
+        policy = cache.policy
+        if was_empty:
+            # First tokens of this layer: nothing is cached yet, so dense causal attention over
+            # the chunk (SDPA, flash on GPU) is exact and faster than the ragged kernel.
+            out = dense_causal(query, k_new, v_new, None if mask2d is None else valid, scale)
+        else:
+            out = torch.empty_like(q)
+            for gi, g in enumerate(self.groups):
+                qh = self.query_heads(g, h, hkv)
+                rows = policy.attention_rows(cache, self, gi, q[:, :, qh], scale, phase)
+                if rows is None:
+                    k_g, v_g, len_g = g.keys, g.values, g.lengths
+                else:
+                    idx, len_g = rows
+                    idx4 = idx[..., None].expand(*idx.shape, d)
+                    k_g, v_g = g.keys.gather(1, idx4), g.values.gather(1, idx4)
+                out[:, :, qh] = ragged_decode(q[:, :, qh], k_g, v_g, len_g, scale)
+                if tq == 1:
+                    self.attended += int(len_g.sum()) * (h // hkv)
+                    self.attended_full += int(g.lengths.sum()) * (h // hkv)
+        if policy.needs_mass:
+            self._accumulate_mass(q, pos, valid, scale)
+        window = policy.query_window()
+        if window > 0:
+            self._remember_queries(q, pos, valid, window)
+        self.compress(scale, phase)
+        policy.after_layer(cache, self.layer_idx, phase)
+        return out
+
+    def _remember_queries(self, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, window: int) -> None:
+        """Keep the last ``window`` queries (left padding keeps real tokens at the right)."""
+        if self.qbuf is None:
+            self.qbuf, self.qvalid, self.qpos = q[:, -window:], valid[:, -window:], pos[:, -window:]
+        else:
+            self.qbuf = torch.cat([self.qbuf, q], dim=1)[:, -window:]
+            self.qvalid = torch.cat([self.qvalid, valid], dim=1)[:, -window:]
+            self.qpos = torch.cat([self.qpos, pos], dim=1)[:, -window:]
+        self.qbuf = self.qbuf.contiguous()
+
+    def _accumulate_mass(self, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
+        """Add each new query's attention probabilities to the rows it reads (H2O's statistic).
+
+        q: (B, Tq, H, D); pos, valid: (B, Tq). Queries go in blocks to bound the (T, S) scores.
+        """
+        b, tq, h, d = q.shape
+        hkv = self.cache.n_kv_heads
+        r = h // hkv
+        block = 256
+        for g in self.groups:
+            qh = self.query_heads(g, h, hkv)
+            gsz = len(g.heads)
+            kf = g.keys.float().permute(0, 2, 3, 1)  # (B, G, D, S)
+            rowvalid = (torch.arange(g.rows, device=q.device)[None, :, None] < g.lengths[:, None, :])
+            kpos = g.positions.permute(0, 2, 1)[:, :, None, None, :]  # (B, G, 1, 1, S)
+            rv = rowvalid.permute(0, 2, 1)[:, :, None, None, :]
+            for start in range(0, tq, block):
+                qs = q[:, start : start + block, qh].float()  # (B, t, G*R, D)
+                t = qs.shape[1]
+                qs = qs.view(b, t, gsz, r, d).permute(0, 2, 3, 1, 4)  # (B, G, R, t, D)
+                logits = torch.matmul(qs, kf[:, :, None]) * scale  # (B, G, R, t, S)
+                qp = pos[:, start : start + block][:, None, None, :, None]
+                qv = valid[:, start : start + block][:, None, None, :, None]
+                vis = rv & (kpos <= qp) & qv
+                probs = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1)
+                probs = torch.nan_to_num(probs, nan=0.0)
+                g.mass += probs.sum(dim=(2, 3)).permute(0, 2, 1)  # (B, S, G)
+
+    def compress(self, scale: float, phase: str) -> None:
+        """Evict rows above the budget of this phase (see the module docstring)."""
+        cache = self.cache
+        policy = cache.policy
+        if phase == "decode" and not policy.compress_decoding:
+            return
+        seen = cache.frozen_seen if phase == "decode" else self.seen
+        for gi in range(len(self.groups)):
+            budget = policy.group_budget(self.layer_idx, cache.n_layers, gi, seen, cache)
+            if budget is None:
+                continue
+            self.shrink(gi, budget, scale, phase)
+
+    def shrink(self, gi: int, budget: torch.Tensor, scale: float, phase: str) -> None:
+        """Evict rows of head group ``gi`` down to ``budget`` ((B,) or (B, G) int64) by score."""
+        g = self.groups[gi]
+        budget = budget.to(device=g.lengths.device, dtype=torch.int64)
+        bud = budget if budget.dim() == 2 else budget[:, None].expand_as(g.lengths)
+        if not bool((g.lengths > bud).any()):
+            return
+        obs = self.observation(g, scale, phase, torch.minimum(bud, g.lengths))
+        scores = self.cache.policy.score(obs)
+        if scores.shape != g.positions.shape:
+            raise ValueError(
+                f"policy {self.cache.policy.name!r} returned scores of shape {tuple(scores.shape)}, "
+                f"expected {tuple(g.positions.shape)}"
+            )
+        idx, kept = select_rows(scores, obs.valid, budget)
+        g.keep(idx, kept)
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` whose layers keep what ``policy`` decides, in ragged storage.
+
+    Creating it sets the model's attention implementation (``config._attn_implementation``) to
+    ``memlab_kv``; that implementation falls back to plain causal attention when it is called
+    without a ``KVCache``, so the model keeps working with other caches.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        policy: Policy | None = None,
+        *,
+        prefill_chunk: int | None = None,
+    ) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        layer_types = getattr(text, "layer_types", None)
+        if layer_types is not None and any(t != "full_attention" for t in layer_types):
+            raise ValueError(
+                "KVCache supports models whose layers all use full attention; got layer_types "
+                f"{sorted(set(layer_types))}"
+            )
+        bad_chunk = isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
+        if prefill_chunk is not None and bad_chunk:
+            raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(
+                f"policy must be a memlab Policy (policies.build(...)), got {type(policy).__name__}"
+            )
+        self.policy: Policy = policy if policy is not None else Full()
+        self.n_layers = int(text.num_hidden_layers)
+        self.n_heads = int(text.num_attention_heads)
+        self.n_kv_heads = int(getattr(text, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // self.n_heads)
+        self.prefill_chunk = prefill_chunk
+        self.frozen = False
+        self.frozen_seen: torch.Tensor | None = None
+        self.state: dict[str, Any] = {}  # per-generation state that policies share across layers
+        for cfg in {id(config): config, id(text): text}.values():
+            if getattr(cfg, "_attn_implementation", None) != ATTN_NAME:
+                cfg._attn_implementation = ATTN_NAME
+        super().__init__(layers=[KVLayer(self, i) for i in range(self.n_layers)])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The first single-token forward ends the prompt: freeze the budget before any layer runs.
+        if layer_idx == 0 and key_states.shape[2] == 1 and not self.frozen and self.layers[0].is_initialized:
+            self.freeze()
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def freeze(self) -> None:
+        """End the prompt: later tokens are appended (and evicted only with ``compress_decoding``)."""
+        if not self.layers[0].is_initialized:
+            raise ValueError("freeze() needs a prefilled cache")
+        self.frozen = True
+        self.frozen_seen = self.layers[0].seen.clone()
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """(B,) real tokens seen per sequence."""
+        return self.layers[0].seen
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values held (every stored row, padding rows included)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def metadata_nbytes(self) -> int:
+        """Bytes of positions, lengths, statistics and observation queries held beside the KV."""
+        return sum(layer.metadata_nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """Bytes a transformers DynamicCache would hold for the same columns and batch."""
+        layer = self.layers[0]
+        if not layer.is_initialized:
+            return 0
+        elt = torch.empty((), dtype=layer.dtype).element_size()
+        return 2 * self.n_layers * layer.batch_size * layer.columns * self.n_kv_heads * self.head_dim * elt
+
+    def kept_tokens(self) -> torch.Tensor:
+        """(n_layers, B, Hkv) int64: rows held per layer, sequence and KV head."""
+        return torch.stack([layer.head_lengths() for layer in self.layers])
+
+    def attended_ratio(self) -> float:
+        """Rows read by decoding queries over the rows held: < 1 only for sparse-attention policies."""
+        full = sum(layer.attended_full for layer in self.layers)
+        return sum(layer.attended for layer in self.layers) / full if full else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.policy.describe(),
+            "kv_bytes": self.nbytes(),
+            "kv_metadata_bytes": self.metadata_nbytes(),
+            "full_kv_bytes": self.full_nbytes(),
+            "attended_ratio": self.attended_ratio(),
+        }

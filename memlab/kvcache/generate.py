@@ -1,0 +1,170 @@
+"""Prefill in chunks and greedy generation over a ``KVCache``.
+
+``model.generate(..., past_key_values=KVCache(...))`` works as it is; these helpers add what
+``generate`` cannot express:
+- chunked prefill (``chunk=`` or the cache's ``prefill_chunk``), so that the cache is compressed
+  after every chunk and peak memory follows the budget rather than the prompt;
+- the query-agnostic flow: the context is prefilled (and compressed) first, the cache is frozen,
+  then the question is appended, as when one compressed context serves many questions. With
+  ``policy.query_aware`` the question is part of the prefill that is compressed.
+Both pass positions computed from the padding mask (left padding), as ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from memlab.kvcache.cache import KVCache
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _check_ids(name: str, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
+        raise ValueError(f"{name} must be a (B, T) int64 tensor, got {getattr(ids, 'shape', type(ids))}")
+    if ids.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one token, got shape {tuple(ids.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"attention mask of {name} has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}"
+        )
+
+
+@torch.no_grad()
+def prefill(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Feed ``input_ids`` (B, T) after what the cache holds; returns the last logits (B, V).
+
+    ``attention_mask`` (B, T): 0 marks left padding. Chunks of ``chunk`` tokens (default: the
+    cache's ``prefill_chunk``, else all at once).
+    """
+    _check_ids("input_ids", input_ids, attention_mask)
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"cache must be a memlab KVCache, got {type(cache).__name__}")
+    chunk = chunk or cache.prefill_chunk or input_ids.shape[1]
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    device = input_ids.device
+    mask = attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None else None
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    past_mask = cache.state.get("mask")
+    if past_mask is not None and past_mask.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"batch size {input_ids.shape[0]} differs from the cached {past_mask.shape[0]}")
+    seen = cache.seen.to(device) if cache.layers[0].is_initialized else torch.zeros(
+        input_ids.shape[0], dtype=torch.long, device=device
+    )
+    key = _cache_kwarg(model)
+    logits = None
+    for start in range(0, input_ids.shape[1], chunk):
+        ids_c = input_ids[:, start : start + chunk]
+        mask_c = mask[:, start : start + chunk]
+        full_mask = mask_c if past_mask is None else torch.cat([past_mask, mask_c], dim=1)
+        pos = (seen[:, None] + mask_c.cumsum(dim=1) - 1).clamp(min=0)
+        out = model(
+            input_ids=ids_c,
+            attention_mask=full_mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{key: cache},
+        )
+        logits = out.logits[:, -1]
+        past_mask = full_mask
+        seen = seen + mask_c.sum(dim=1)
+    cache.state["mask"] = past_mask
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    question_ids: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Greedy decoding after a (chunked) prefill. Returns the new tokens (B, max_new_tokens).
+
+    input_ids: (B, T) the context (left-padded with ``attention_mask``); question_ids: (B, Tq)
+    without padding, or None. Without ``policy.query_aware`` the context is compressed and the
+    cache frozen before the question is appended; with it, context and question are prefilled
+    (and compressed) together. Rows that emitted ``eos_token_id`` keep emitting it.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _check_ids("input_ids", input_ids, attention_mask)
+    if question_ids is not None:
+        _check_ids("question_ids", question_ids, None)
+        if question_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"question_ids batch {question_ids.shape[0]} differs from input_ids batch "
+                f"{input_ids.shape[0]}"
+            )
+    policy = cache.policy
+    select = getattr(policy, "select_input", None)
+    if select is not None:
+        # Input filters (GemFilter) choose the prompt tokens before the model runs on them.
+        input_ids, attention_mask, question_ids = select(
+            model, input_ids, attention_mask, question_ids, cache
+        )
+    if question_ids is None:
+        logits = prefill(model, input_ids, cache, attention_mask=attention_mask, chunk=chunk)
+    elif policy.query_aware:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ids = torch.cat([input_ids, question_ids], dim=1)
+        full = torch.cat([mask, torch.ones_like(question_ids)], dim=1)
+        logits = prefill(model, ids, cache, attention_mask=full, chunk=chunk)
+    else:
+        prefill(model, input_ids, cache, attention_mask=attention_mask, chunk=chunk)
+        cache.freeze()
+        logits = prefill(model, question_ids, cache)
+    if not cache.frozen:
+        cache.freeze()
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    key = _cache_kwarg(model)
+    b = input_ids.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    out = []
+    mask = cache.state["mask"]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(dim=-1)  # (B,)
+        if eos:
+            first_eos = next(iter(eos))
+            nxt = torch.where(done, torch.full_like(nxt, first_eos), nxt)
+            done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+        out.append(nxt)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        res = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=cache.seen.to(nxt.device)[:, None],
+            use_cache=True,
+            **{key: cache},
+        )
+        logits = res.logits[:, -1]
+    cache.state["mask"] = mask
+    tokens = torch.stack(out, dim=1)
+    if tokens.shape[1] < max_new_tokens:
+        pad = next(iter(eos)) if eos else 0
+        tokens = torch.cat([tokens, tokens.new_full((b, max_new_tokens - tokens.shape[1]), pad)], dim=1)
+    return tokens

@@ -1,0 +1,56 @@
+"""``snapkv``: SnapKV (Li et al. 2024).
+
+The last ``window`` queries (the observation window) vote: each cached token's score is its mean
+attention from those queries, smoothed along the sequence by pooling (so that the neighbours of
+an important token stay too), averaged over the query heads that share its KV head. The window
+itself always stays. Compression happens on the prompt; the generated tokens are appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memlab.kvcache.policies.base import Observation, Policy, check_nonneg_int, pool1d, register
+
+
+def window_scores(obs: Observation, kernel: int, pooling: str) -> torch.Tensor:
+    """SnapKV's vote: (B, S, G) pooled mean attention of the observation window."""
+    probs = obs.window_probs()  # (B, G, R, W, S)
+    n_q = obs.query_valid.sum(dim=1).clamp(min=1).to(probs.dtype)  # (B,)
+    per_head = probs.sum(dim=3) / n_q[:, None, None, None]  # (B, G, R, S)
+    b, g, r, s = per_head.shape
+    pooled = pool1d(per_head.permute(0, 3, 1, 2).reshape(b, s, g * r), kernel, pooling)  # (B, S, G*R)
+    return pooled.view(b, s, g, r).mean(dim=3)
+
+
+@register("snapkv")
+@dataclass(kw_only=True)
+class SnapKV(Policy):
+    """Observation ``window`` (always kept), pooling ``kernel`` and mode ("avg" or "max")."""
+
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    needs_queries = True
+
+    def __post_init__(self) -> None:
+        check_nonneg_int(f"policy {self.name!r}", window=self.window, kernel=self.kernel)
+        if self.window < 1 or self.kernel < 1:
+            raise ValueError(
+                f"policy {self.name!r}: window and kernel must be >= 1, got {self.window}, {self.kernel}"
+            )
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"policy {self.name!r}: pooling={self.pooling!r} must be 'avg' or 'max'")
+        super().__post_init__()
+
+    def protected(self) -> int:
+        return self.window
+
+    def query_window(self) -> int:
+        return self.window
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        scores = window_scores(obs, self.kernel, self.pooling)
+        return scores.masked_fill(obs.recent(self.window), float("inf"))
