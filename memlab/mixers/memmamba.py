@@ -19,15 +19,16 @@ and the mixer returns u - x (the sum of the layers' residual updates; memlab's L
 
 Note writing (the Note Block). Tokens are grouped into windows of ``summary_every`` tokens at
 absolute positions. When a window completes, its most important token (largest a_t) is written
-to the pool if a_t > tau_token (tau_1 in the paper); with ``summary_every=1`` this is the paper's
-per-token rule exactly. The pool holds ``pool_size`` notes with priority replacement: when it is
-full a new note evicts the lowest-importance note if it beats it, so the pool is always the
-``pool_size`` most important notes written so far. Tokens of a window read the pool as it was when
-their window started, so a token never sees its own note and the function is causal.
+to the pool if a_t > tau_token (tau_1 in the paper); with ``summary_every=1`` every token whose
+importance crosses tau_1 is noted, the paper's rule. The pool is bounded at ``pool_size`` notes
+with priority replacement: when it is full, a new note evicts the least important note if it
+beats it, so the pool always holds the ``pool_size`` most important notes written so far. Tokens
+of a window read the pool as it was when their window started, so a token never sees its own
+note and the function is causal.
 
 The note is scaled by a_t: the write decision is a hard threshold, as in the paper, and the
 scaling is what gives the importance scorer a gradient. The retrieval gate [s_t > tau_state]
-(tau_2) is hard for the same reason and scaled by s_t.
+(tau_2) is hard as in the paper and scaled by s_t for the same reason.
 
 Training form (parallel, linear in T). Windows are processed in blocks of ``select_chunk``
 windows; in a block, window g may see the pool at the block start plus the block's notes of
