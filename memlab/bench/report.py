@@ -100,12 +100,16 @@ class Panel:
     ylog: bool = False
     xbase: int = 10
     ylim: tuple[float, float] | None = None
+    # Grouped bars instead of lines: each series' x values are category names (one group per
+    # category, one bar per series in it).
+    bars: bool = False
 
 
 def save_panels(path: Path, panels: list[Panel], *, suptitle: str = "", ncols: int = 3) -> None:
     """Draw panels on a grid and save a PNG (Agg canvas, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
+    from matplotlib.ticker import NullFormatter
 
     if not panels:
         raise ValueError(f"no panels to draw for {path}")
@@ -122,7 +126,14 @@ def save_panels(path: Path, panels: list[Panel], *, suptitle: str = "", ncols: i
         if panel is None:
             ax.set_visible(False)
             continue
-        for s in panel.series:
+        if panel.bars:
+            categories = list(dict.fromkeys(x for s in panel.series for x in s.x))
+            width = 0.8 / len(panel.series)
+            for j, s in enumerate(panel.series):
+                pos = [categories.index(x) - 0.4 + width * (j + 0.5) for x in s.x]
+                ax.bar(pos, s.y, width=width, color=style[s.key][0], label=s.label)
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        for s in [] if panel.bars else panel.series:
             color, marker = style[s.key]
             ax.plot(
                 s.x,
@@ -136,6 +147,14 @@ def save_panels(path: Path, panels: list[Panel], *, suptitle: str = "", ncols: i
             )
         if panel.xlog:
             ax.set_xscale("log", base=panel.xbase)
+            # Minor-tick labels of a log axis collide; powers of two (lengths, widths) read best
+            # as plain numbers placed at the measured values.
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if panel.xbase == 2:
+                ticks = sorted({x for s in panel.series for x in s.x})
+                ax.set_xticks(
+                    ticks, [format_value(int(t)) if float(t).is_integer() else format_value(t) for t in ticks]
+                )
         if panel.ylog:
             ax.set_yscale("log")
         if panel.ylim is not None:

@@ -598,33 +598,33 @@ def _length_figure(best: list[RunRecord], out_dir: Path, prefix: str) -> Figure 
 
 
 def _throughput_figure(done: list[RunRecord], out_dir: Path, prefix: str) -> Figure | None:
-    """Training tokens/s vs d_model (median over learning rates), a line per mixer."""
-    per: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """Training tokens/s per mixer (median over learning rates), one bar per d_model."""
+    per: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in done:
-        per[line_key(r.config)][r.config["d_model"]].append(r.metrics["train_tokens_per_s"])
-    series = [
-        Series(key=k, label=k, x=sorted(v), y=[statistics.median(v[d]) for d in sorted(v)])
-        for k, v in sorted(per.items())
-    ]
-    if not series:
+        per[r.config["d_model"]][line_key(r.config)].append(r.metrics["train_tokens_per_s"])
+    if not per:
         return None
+    keys = sorted({k for v in per.values() for k in v})
+    series = [
+        Series(
+            key=f"d_model {d}",
+            label=f"d_model {d}",
+            x=[k for k in keys if k in v],
+            y=[statistics.median(v[k]) for k in keys if k in v],
+        )
+        for d, v in sorted(per.items())
+    ]
     path = f"{prefix}throughput.png"
     device = sorted({str((r.env or {}).get("device_name")) for r in done})
-    save_panels(
-        out_dir / path,
-        [
-            Panel(
-                title="training throughput",
-                xlabel="d_model",
-                ylabel="tokens / s",
-                series=series,
-                xlog=True,
-                xbase=2,
-                ylog=True,
-            )
-        ],
-        ncols=1,
+    panel = Panel(
+        title="training throughput",
+        xlabel="",
+        ylabel="training tokens / s",
+        series=series,
+        ylog=True,
+        bars=True,
     )
+    save_panels(out_dir / path, [panel], ncols=1)
     return Figure(
         path=path,
         title="training throughput",
