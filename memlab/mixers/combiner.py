@@ -149,7 +149,7 @@ class Combiner(Mixer):
         if self.use_fixed:
             outs.append(self._fixed(qq, g, valid, direct, rows, state, new_state))
         if self.use_axial:
-            outs.append(self._axial(qq, g, valid, direct, rows, cols, c0, state, new_state))
+            outs.append(self._axial(qq, g, direct, rows, cols, r0, c0, state, new_state))
         o = sum(outs) / len(outs)  # (B, H, R, mq, D)
         o = o[:, :, 0] if n_rows == 1 else o.flatten(2, 3)[:, :, c0 : c0 + t]
         # carry the partial row's queries (and keys/values: all of them for the axial plans)
@@ -204,10 +204,10 @@ class Combiner(Mixer):
         self,
         qq: torch.Tensor,
         g: dict[str, torch.Tensor],
-        valid: torch.Tensor,
         direct: torch.Tensor,
         rows: torch.Tensor,
         cols: torch.Tensor,
+        r0: int,
         c0: int,
         state: State,
         new_state: State,
@@ -216,7 +216,6 @@ class Combiner(Mixer):
         above, one summary per other column over the rows above. Shapes as ``_fixed``."""
         b, h, n_rows, m, d = g["k"].shape
         scale = 1.0 / math.sqrt(d)
-        r0 = int(rows[0])
         dev = qq.device
         k_col = torch.cat([state["k"][:, :, : r0 * m].view(b, h, r0, m, d), g["k"]], dim=2)  # (B,H,r0+R,m,D)
         v_col = torch.cat([state["v"][:, :, : r0 * m].view(b, h, r0, m, d), g["v"]], dim=2)

@@ -125,7 +125,7 @@ class Landmark(Mixer):
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        """Zero the read counters. Sums are over (batch, head, query)."""
+        """Zero the read counters (kept in eval mode only). Sums are over (batch, head, query)."""
         self.stats = {"queries": 0, "landmarks_scanned": 0, "retrieved_tokens": 0, "local_tokens": 0}
         self.last_retrieved: torch.Tensor | None = None
 
@@ -199,7 +199,8 @@ class Landmark(Mixer):
         head = torch.where(local[:, : n * bs], s[..., : n * bs], past)
         tail = torch.where(local[:, n * bs :], s[..., n * bs :], float("-inf"))
         p = torch.softmax(torch.cat([head, tail], dim=-1), dim=-1)
-        self._count(q, past_ok, local, landmarks=reachable)
+        if not self.training:  # counting syncs with the device; training does not need it
+            self._count(q, past_ok, local, landmarks=reachable)
         return p @ v
 
     def _attend_topk(
@@ -249,7 +250,8 @@ class Landmark(Mixer):
                 values.append(v_ret.flatten(-3, -2))
             p = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
             outs.append(torch.einsum("ntj,ntjd->ntd", p, torch.cat(values, dim=-2)))
-        self._count(q, ok, local_ok, landmarks=past_ok)
+        if not self.training:
+            self._count(q, ok, local_ok, landmarks=past_ok)
         return torch.cat(outs, dim=1).view(b, h, t, d)
 
     def _count(

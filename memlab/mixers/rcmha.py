@@ -125,22 +125,26 @@ class RCMHA(Mixer):
         conv = torch.zeros(batch_size, keep, 3 * self.d_model, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone(), "conv": conv, "pos": 0}
 
-    def positional_term(self, q: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    def positional_term(
+        self, q: torch.Tensor, distance: torch.Tensor, max_distance: int | None = None
+    ) -> torch.Tensor:
         """The relative-position part of the (scaled) scores.
 
-        q: (B, H, T, D); distance: (T, S) integer i - j (negative entries are masked later).
+        q: (B, H, T, D); distance: (T, S) integer i - j (negative entries are masked later);
+        max_distance: the largest entry of ``distance`` if known (saves a device sync).
         Returns (B, H, T, S), a function of the distance only (and of q in "xl" mode).
         """
         d = distance.clamp(min=0)
         if self.config.relative == "bucket":
             ids = distance_bucket(d, self.config.n_buckets, self.config.max_distance)
             return self.bucket_bias[:, ids].unsqueeze(0).to(q.dtype)
-        n_dist = int(d.max().item()) + 1
+        n_dist = (int(d.max().item()) if max_distance is None else max_distance) + 1
         r = self.r_proj(sinusoid(torch.arange(n_dist, device=q.device), self.d_model, q.dtype))
         r = r.view(n_dist, self.n_heads, self.head_dim).transpose(0, 1)  # (H, n_dist, D)
-        per_distance = (q + self.w[:, None, :]) @ r.transpose(-1, -2)  # (B, H, T, n_dist)
+        # scale folded into q: one (B, H, T, n_dist) product instead of a division over it
+        per_distance = ((q + self.w[:, None, :].to(q.dtype)) / math.sqrt(self.head_dim)) @ r.transpose(-1, -2)
         index = d.expand(q.shape[0], self.n_heads, *d.shape)
-        return per_distance.gather(-1, index) / math.sqrt(self.head_dim)
+        return per_distance.gather(-1, index)
 
     def scores(
         self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
@@ -150,7 +154,7 @@ class RCMHA(Mixer):
         Keys after the query (k_pos > q_pos) get -inf.
         """
         distance = q_pos[:, None] - k_pos[None, :]
-        content = q + self.u[:, None, :] if self.config.relative == "xl" else q
+        content = q + self.u[:, None, :].to(q.dtype) if self.config.relative == "xl" else q
         s = content @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
         s = s + self.positional_term(q, distance)
         return s.masked_fill(distance < 0, float("-inf"))
@@ -172,8 +176,8 @@ class RCMHA(Mixer):
         k_pos = torch.arange(pos0 + t - s, pos0 + t, device=x.device)
         distance = q_pos[:, None] - k_pos[None, :]
         # SDPA adds attn_mask to (q' . k) / sqrt(D): q' carries u, the mask the positional term
-        bias = self.positional_term(q, distance).masked_fill(distance < 0, float("-inf"))
-        q_content = q + self.u[:, None, :] if self.config.relative == "xl" else q
+        bias = self.positional_term(q, distance, s - 1).masked_fill(distance < 0, float("-inf"))
+        q_content = q + self.u[:, None, :].to(q.dtype) if self.config.relative == "xl" else q
         o = F.scaled_dot_product_attention(q_content, k_all, v_all, attn_mask=bias)
         y = self.o_proj(o.transpose(1, 2).reshape(b, t, self.d_model))
         keep = self.config.kernel_size - 1

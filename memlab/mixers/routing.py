@@ -168,6 +168,7 @@ class Routing(Mixer):
         centroids = F.normalize(torch.randn(self.n_route, c.n_clusters, hd), dim=-1)
         self.register_buffer("centroids", centroids)
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False  # avoids reading the buffer (a device sync) once it is True
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
         def empty(h: int) -> torch.Tensor:
@@ -183,7 +184,7 @@ class Routing(Mixer):
 
     def assign(self, shared: torch.Tensor) -> torch.Tensor:
         """shared: (B, Hr, T, D) routing vectors -> (B, Hr, T) index of the nearest centroid."""
-        return torch.einsum("bhtd,hcd->bhtc", unit_sphere(shared), self.centroids).argmax(-1)
+        return torch.einsum("bhtd,hcd->bhtc", unit_sphere(shared), self.centroids.to(shared.dtype)).argmax(-1)
 
     @torch.no_grad()
     def _init_centroids(self, shared: torch.Tensor) -> None:
@@ -194,7 +195,7 @@ class Routing(Mixer):
                 f"RoutingConfig.n_clusters={k} is above the sequence length T={t} of the first "
                 "training batch, which initialises the centroids"
             )
-        unit = unit_sphere(shared)
+        unit = unit_sphere(shared.to(self.centroids.dtype))
         for h in range(self.n_route):
             pos = torch.randperm(t, device=shared.device)[:k]
             rows = torch.randint(0, b, (k,), device=shared.device)
@@ -207,7 +208,7 @@ class Routing(Mixer):
 
         shared: (B, Hr, T, D) routing vectors; cluster: (B, Hr, T) their assignments.
         """
-        unit = unit_sphere(shared)
+        unit = unit_sphere(shared.to(self.centroids.dtype))  # accumulate in the buffer's precision
         onehot = F.one_hot(cluster, self.config.n_clusters).to(unit.dtype)  # (B, Hr, T, K)
         sums = torch.einsum("bhtc,bhtd->hcd", onehot, unit)
         counts = onehot.sum(dim=(0, 2))  # (Hr, K)
@@ -271,8 +272,10 @@ class Routing(Mixer):
         proj = self.in_proj(x).view(b, t, 2 * hr + 3 * hl, hd).transpose(1, 2)  # (B, heads*, T, D)
         shared, rv = proj[:, :hr], proj[:, hr : 2 * hr]
         lq, lk, lv = proj[:, 2 * hr :].split(hl, dim=1) if hl else (proj[:, :0],) * 3
-        if self.training and not bool(self.initialized):
-            self._init_centroids(shared)
+        if self.training and not self._seen_initialized:
+            if not bool(self.initialized):
+                self._init_centroids(shared)
+            self._seen_initialized = True
         cluster = self.assign(shared)  # (B, Hr, T)
         onehot = F.one_hot(cluster, self.config.n_clusters)
         counts = state["counts"] + onehot.sum(2)
