@@ -49,7 +49,7 @@ def prefill(
     """Feed ``input_ids`` (B, T) after what the cache holds; returns the last logits (B, V).
 
     ``attention_mask`` (B, T): 0 marks left padding. Chunks of ``chunk`` tokens (default: the
-    cache's ``prefill_chunk``, else all at once).
+    cache's ``prefill_chunk``, else all at once), aligned to end at the last token.
     """
     _check_ids("input_ids", input_ids, attention_mask)
     if not isinstance(cache, KVCache):
@@ -69,9 +69,14 @@ def prefill(
     )
     key = _cache_kwarg(model)
     logits = None
-    for start in range(0, input_ids.shape[1], chunk):
-        ids_c = input_ids[:, start : start + chunk]
-        mask_c = mask[:, start : start + chunk]
+    t = input_ids.shape[1]
+    # Chunks end at the last column (the first chunk takes the remainder): with left padding,
+    # every sequence of a batch then meets the same chunk boundaries, counted in its own
+    # tokens, as when it runs alone.
+    bounds = [0] + list(range(t % chunk or chunk, t + 1, chunk))
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        ids_c = input_ids[:, start:end]
+        mask_c = mask[:, start:end]
         full_mask = mask_c if past_mask is None else torch.cat([past_mask, mask_c], dim=1)
         pos = (seen[:, None] + mask_c.cumsum(dim=1) - 1).clamp(min=0)
         out = model(

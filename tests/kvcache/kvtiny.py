@@ -1,0 +1,42 @@
+"""Helpers for the KV-cache tests: tiny random Llama and Qwen2 models (no hub), in float64 so
+that differences come from the cache, not from rounding."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 97
+
+
+def tiny_model(kind: str = "llama", *, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16 * heads,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        attn_implementation="sdpa",
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(kind)
+    # Larger than default init spreads attention, so that policies disagree on what to keep.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    # No end-of-sequence token: greedy references must run the full length, as memlab's loop does.
+    model.generation_config.eos_token_id = None
+    return model.double().eval()
+
+
+def random_ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (b, t), generator=g)
