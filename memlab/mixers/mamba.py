@@ -112,10 +112,11 @@ def _scan_chunk(
     # (up to) 2 * step elements ending at i, and decay[i] the product of their decays. Products of
     # numbers in (0, 1] can only underflow towards 0, which is the right limit, never overflow.
     while step < length:
-        later = h[:, step:] + decay[:, step:] * h[:, :-step]
-        h = torch.cat([h[:, :step], later], dim=1)
+        # F.pad with (step, -step) on the time axis shifts by `step`: element i meets element
+        # i - step; the first `step` elements meet the fill (0 for h, 1 for the decay product).
+        h = h + decay * F.pad(h, (0, 0, 0, 0, step, -step))
         if 2 * step < length:  # the last pass needs no decay products after it
-            decay = torch.cat([decay[:, :step], decay[:, step:] * decay[:, :-step]], dim=1)
+            decay = decay * F.pad(decay, (0, 0, 0, 0, step, -step), value=1.0)
         step *= 2
     y = torch.einsum("blen,bln->ble", h, cm)
     return y, h[:, -1]
@@ -190,6 +191,10 @@ class Mamba(Mixer):
         a_init = torch.arange(1, n + 1).to(torch.get_default_dtype())
         self.A_log = nn.Parameter(torch.log(a_init).repeat(e, 1))
         self.D = nn.Parameter(torch.ones(e))
+        # As in the reference implementation, A and D are not weight-decayed: decay would pull every
+        # A towards -1 and erase the S4D spread of time scales. Optimisers may honour this flag.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
         self._init_dt()
 
     @torch.no_grad()
