@@ -1,7 +1,8 @@
 """The ``memlab`` command: ``run`` a suite into the store, ``report`` the store, ``list`` what exists.
 
     memlab run SUITE [--store PATH] [--device auto|cpu|cuda|cuda:N] [--limit N] [--filter SUBSTR]
-                     [--epochs N] [--no-progress] [--skip-failed] [--strict] [--dry-run]
+                     [--epochs N] [--max-examples N] [--no-progress] [--skip-failed] [--strict]
+                     [--dry-run]
     memlab report [--store PATH] [--out DIR] [--suite NAME]
     memlab list
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="override every run's epochs (a smoke test; overridden runs get their own ids)",
     )
+    run.add_argument(
+        "--max-examples",
+        type=_positive_int,
+        default=None,
+        help="cap every data set at N examples (a smoke test; such runs get their own ids)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
     run.add_argument("--strict", action="store_true", help="exit with status 1 when a run fails")
@@ -112,7 +119,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from memlab.bench.store import Store
 
     suite = load_suite(args.suite)
-    overrides = Overrides(epochs=args.epochs)
+    overrides = Overrides(epochs=args.epochs, max_examples=args.max_examples)
     rank, world = distributed_rank()
     if args.dry_run:
         specs, notes = expand_suite(suite, overrides)

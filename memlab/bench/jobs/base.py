@@ -30,11 +30,14 @@ class Overrides:
     They become part of each run's config, so an overridden run never masquerades as the real one.
     """
 
-    epochs: int | None = None
+    epochs: int | None = None  # every run trains this many epochs
+    max_examples: int | None = None  # every data set holds at most this many examples
 
     def __post_init__(self) -> None:
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ValueError(f"epochs override must be a positive int, got {self.epochs!r}")
+        for name in ("epochs", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} override must be a positive int, got {value!r}")
 
 
 @dataclass

@@ -140,8 +140,8 @@ class MQARJob(Job):
         check_keys(train_opts, train_fields, f"{where} train")
         if overrides.epochs is not None:
             train_opts["epochs"] = overrides.epochs
-        train_sets = self._sets(table["train_sets"], f"{where} train_sets")
-        test_sets = self._sets(table["test_sets"], f"{where} test_sets")
+        train_sets = self._sets(table["train_sets"], f"{where} train_sets", overrides)
+        test_sets = self._sets(table["test_sets"], f"{where} test_sets", overrides)
         names = [set_name(s) for s in test_sets]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -216,7 +216,7 @@ class MQARJob(Job):
                             )
         return configs
 
-    def _sets(self, value: Any, where: str) -> list[dict[str, Any]]:
+    def _sets(self, value: Any, where: str, overrides: Overrides) -> list[dict[str, Any]]:
         if not isinstance(value, list) or not value:
             raise ValueError(f"{where} must be a non-empty list of tables, got {value!r}")
         out = []
@@ -226,7 +226,10 @@ class MQARJob(Job):
             n = s["num_examples"]
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{where}[{j}].num_examples must be a positive int, got {n!r}")
-            out.append(dict(s))
+            s = dict(s)
+            if overrides.max_examples is not None:
+                s["num_examples"] = min(n, overrides.max_examples)
+            out.append(s)
         return out
 
     def _config(
