@@ -515,7 +515,13 @@ def _best_table(best: list[RunRecord], *, title: str, state_columns: str) -> Tab
                 format_bytes(m["peak_memory_bytes"]),
             ]
         )
-    return Table(title=title, columns=columns, rows=rows)
+    note = ""
+    if any(r.device and r.device.startswith("cpu") for r in best):
+        note = (
+            "peak mem on CPU is the process RSS high-water mark, which only grows over a suite; "
+            "on CUDA it is torch.cuda.max_memory_allocated during the run."
+        )
+    return Table(title=title, columns=columns, rows=rows, note=note)
 
 
 def _frontier_figure(best: list[RunRecord], out_dir: Path, prefix: str) -> Figure | None:
