@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memlab.ops.attention import triton as kernels
 from memlab.ops.attention.triton import INTERPRET, LOG2E, NO_WINDOW, _cast, _mma, _offset, _tile, interpreting
 
 _SM_COUNT: dict[int, int] = {}
@@ -180,8 +181,8 @@ def decode_fwd(
         chunk = triton.cdiv(triton.cdiv(smax, n_split), block_n) * block_n
     chunk = max(block_n, chunk)
     n_split = max(1, triton.cdiv(smax, chunk))
-    o_part = torch.empty((b * hkv * n_row_groups, n_split, rows, d), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((b * hkv * n_row_groups, n_split, rows), device=q.device, dtype=torch.float32)
+    o_part = kernels.new_buffer((b * hkv * n_row_groups, n_split, rows, d), q, torch.float32)
+    lse_part = kernels.new_buffer((b * hkv * n_row_groups, n_split, rows), q, torch.float32)
     has_window = window is not None
     decode_fwd_kernel[(n_split, b * hkv, n_row_groups)](
         q, k_cache, v_cache, lengths, o_part, lse_part,
@@ -194,7 +195,7 @@ def decode_fwd(
         D=d, ROWS=rows, BLOCK_N=block_n, HAS_WINDOW=has_window,
         num_warps=4, num_stages=1 if interpret else 3,
     )
-    o = torch.empty_like(q)
+    o = kernels.new_buffer(q.shape, q)
     decode_reduce_kernel[(b * hkv, rows_needed)](
         o_part, lse_part, o,
         o.stride(0), o.stride(1), o.stride(2),

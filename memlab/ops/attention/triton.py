@@ -57,9 +57,24 @@ def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
     if INTERP:
         if dtype == tl.bfloat16:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            # Round to nearest even in the integer domain and clear the low half, so that the
+            # truncating cast below is exact.
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# Tests set this to fill every buffer a kernel must write with NaN before the launch, so that an
+# element the kernel forgets to write shows up instead of passing as stale memory.
+POISON_OUTPUTS = False
+
+
+def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised output buffer (NaN-filled when POISON_OUTPUTS is set)."""
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -602,8 +617,8 @@ def attention_fwd(
     b, t, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     cfg = config or fwd_config(d, causal, interpreting())
-    o = torch.empty_like(q)
-    lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
+    o = new_buffer(q.shape, q)
+    lse = new_buffer((b, h, t), q, torch.float32)
     win, table, has_window = _window_args(window, head_windows, q.device)
     n_seq = _num_sequences(q, cu_seqlens)
     rows = max_seqlen if cu_seqlens is not None else t
@@ -646,10 +661,10 @@ def attention_bwd(
     cfg = config or bwd_config(d, interpreting())
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    delta = torch.empty_like(lse)
+    dq = new_buffer(q.shape, q)
+    dk = new_buffer(k.shape, k)
+    dv = new_buffer(v.shape, v)
+    delta = new_buffer(lse.shape, lse)
     win, table, has_window = _window_args(window, head_windows, q.device)
     n_seq = _num_sequences(q, cu_seqlens)
     attention_bwd_preprocess_kernel[(triton.cdiv(t, cfg.preprocess_block), b * h)](
