@@ -160,11 +160,14 @@ def decode_fwd(
     sinks: int,
     chunk: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    programs_per_sm: int = 4,
 ) -> torch.Tensor:
     """q: (B, Tq, H, D), caches (B, Smax, Hkv, D), lengths (B, Hkv) int32 -> o (B, Tq, H, D).
 
     ``chunk`` (keys per split, a multiple of ``block_n``) defaults to enough splits for about
-    four programs per multiprocessor.
+    ``programs_per_sm`` programs per multiprocessor.
     """
     b, tq, h, d = q.shape
     smax, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -176,7 +179,7 @@ def decode_fwd(
     rows = max(16, triton.next_power_of_2(min(rows_needed, 64)))
     n_row_groups = triton.cdiv(rows_needed, rows)
     if chunk is None:
-        target = 4 * _sm_count(q.device)
+        target = programs_per_sm * _sm_count(q.device)
         n_split = max(1, min(triton.cdiv(target, b * hkv * n_row_groups), triton.cdiv(smax, 256)))
         chunk = triton.cdiv(triton.cdiv(smax, n_split), block_n) * block_n
     chunk = max(block_n, chunk)
@@ -193,7 +196,7 @@ def decode_fwd(
         tq, hkv, g, n_split, n_row_groups, chunk, scale * LOG2E,
         int(window) if has_window else NO_WINDOW, sinks,
         D=d, ROWS=rows, BLOCK_N=block_n, HAS_WINDOW=has_window,
-        num_warps=4, num_stages=1 if interpret else 3,
+        num_warps=num_warps, num_stages=1 if interpret else num_stages,
     )
     o = kernels.new_buffer(q.shape, q)
     decode_reduce_kernel[(b * hkv, rows_needed)](
