@@ -1,0 +1,202 @@
+"""memlab's `linear_attention`, `based` and `mamba` mixers against flash-linear-attention (fla).
+
+One process, one GPU: (1) training throughput (forward + backward of one layer, bf16) at 2k and 8k
+tokens per sequence, with 16k tokens per batch; (2) MQAR recall of a 2-layer LM built from each
+layer, same data, same trainer, same seeds. memlab attention (SDPA) is timed beside them as anchor.
+
+fla travels as wheels (flash-linear-attention, fla-core, einops) on PYTHONPATH; nothing of it is
+copied here. fla's `Mamba` layer runs its PyTorch slow path when mamba_ssm is absent (it is absent
+on our H200 image), so fla's Triton `Mamba2` layer is timed too.
+
+    python benchmarks/mixers_fla.py --out DIR [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memlab import mixers
+from memlab.models.lm import LM
+from memlab.tasks import build as build_task
+from memlab.train.trainer import TrainConfig, train
+
+D_MODEL, HEADS = 512, 8  # head dim 64 everywhere
+
+
+class FlaAsMixer(nn.Module):
+    """Wraps an fla layer in the Mixer call convention (no state: training and evaluation only)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, *, state=None):
+        out = self.layer(x)
+        return (out[0] if isinstance(out, tuple) else out), None
+
+
+def fla_layer(kind: str, d_model: int, heads: int) -> nn.Module:
+    from fla.layers import BasedLinearAttention, LinearAttention, Mamba, Mamba2
+
+    if kind == "linear_attention":
+        return LinearAttention(
+            mode="chunk", hidden_size=d_model, num_heads=heads, feature_map="elu",
+            do_feature_map_norm=True, output_norm="identity",
+        )
+    if kind == "based":
+        return BasedLinearAttention(
+            hidden_size=d_model, feature_dim=16, num_heads=heads, num_key_value_heads=heads, mode="chunk"
+        )
+    if kind == "mamba":
+        return Mamba(hidden_size=d_model, intermediate_size=2 * d_model, state_size=16)
+    if kind == "mamba2":
+        return Mamba2(hidden_size=d_model, num_heads=2 * d_model // 64, head_dim=64, expand=2)
+    raise ValueError(f"unknown fla kind {kind!r}")
+
+
+def memlab_options(kind: str, d_model: int) -> tuple[str, dict]:
+    """The memlab mixer and options matching each fla layer (heads of dimension 64)."""
+    heads = max(1, d_model // 64)
+    table = {
+        "attention": ("attention", {"n_heads": heads}),
+        "linear_attention": ("linear_attention", {"n_heads": heads, "feature_map": "elu"}),
+        # fla's Based layer is the Taylor linear attention alone: compare ours with the window
+        # branch and the short conv off, and time the full hybrid (window 64 + conv) separately.
+        "based": ("based", {"n_heads": heads, "feature_dim": 16, "window": 0, "conv_size": 0}),
+        "based_hybrid": ("based", {"n_heads": heads, "feature_dim": 16}),
+        "mamba": ("mamba", {"d_state": 16, "expand": 2}),
+    }
+    return table[kind]
+
+
+MEMLAB_KINDS = ("attention", "linear_attention", "based", "based_hybrid", "mamba")
+
+
+def memlab_layer(kind: str, d_model: int) -> nn.Module:
+    name, opts = memlab_options(kind, d_model)
+    return mixers.build(name, d_model=d_model, **opts)
+
+
+def time_fwd_bwd(layer: nn.Module, b: int, t: int, d: int, reps: int) -> float:
+    """Median milliseconds of forward + backward on x: (b, t, d) bf16, CUDA events."""
+    x = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step() -> None:
+        out = layer(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(torch.ones_like(y))
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def throughput(smoke: bool) -> list[dict]:
+    rows = []
+    tokens = 4096 if smoke else 16384
+    for t in (512,) if smoke else (2048, 8192):
+        b = max(1, tokens // t)
+        entries = [("memlab", k) for k in MEMLAB_KINDS] + [
+            ("fla", k) for k in ("linear_attention", "based", "mamba", "mamba2")
+        ]
+        for impl, kind in entries:
+            row = {"impl": impl, "layer": kind, "T": t, "B": b, "d_model": D_MODEL}
+            try:
+                torch.manual_seed(0)
+                if impl == "memlab":
+                    layer = memlab_layer(kind, D_MODEL)
+                    row["options"] = memlab_options(kind, D_MODEL)[1]
+                else:
+                    layer = fla_layer(kind, D_MODEL, HEADS)
+                layer = layer.cuda().to(torch.bfloat16)
+                reps = 3 if (impl, kind) == ("fla", "mamba") else (5 if smoke else 20)
+                ms = time_fwd_bwd(layer, b, t, D_MODEL, reps)
+                row.update(ms=ms, tokens_per_s=b * t / ms * 1e3)
+            except Exception as exc:  # a failed variant is recorded, never dropped
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            print(row, flush=True)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def mqar(smoke: bool) -> list[dict]:
+    task = build_task("mqar", vocab_size=8192, seq_len=256, num_pairs=16)
+    n_train = 2000 if smoke else 40000
+    train_set, test_set = task.make(n_train, seed=0), task.make(1000, seed=1)
+    cfg = TrainConfig(lr=1e-3, epochs=2 if smoke else 16, batch_size=128, warmup_steps=50,
+                      target_accuracy=0.99, seed=0, progress=False)
+    rows = []
+    d = 128
+    for impl, kind in [("memlab", "attention"), ("memlab", "linear_attention"), ("fla", "linear_attention"),
+                       ("memlab", "based"), ("fla", "based"), ("memlab", "based_hybrid"),
+                       ("memlab", "mamba"), ("fla", "mamba2")]:
+        row = {"impl": impl, "layer": kind, "d_model": d, "seq_len": 256, "num_pairs": 16}
+        try:
+            torch.manual_seed(0)
+            model = LM.from_mixer("attention", vocab_size=8192, d_model=d, n_layers=2, n_heads=2)
+            for block in model.blocks:
+                block.mixer = memlab_layer(kind, d) if impl == "memlab" else FlaAsMixer(
+                    fla_layer(kind, d, 2)
+                )
+            t0 = time.perf_counter()
+            res = train(model, [train_set], {"test": test_set}, cfg, "cuda")
+            row.update(accuracy=res.eval_accuracy["test"], best=res.best_accuracy["test"],
+                       epochs=res.epochs_run, tokens_per_s=res.tokens_per_s,
+                       wall_s=time.perf_counter() - t0)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--skip-mqar", action="store_true")
+    args = ap.parse_args()
+    import fla
+    import triton
+
+    result = {
+        "benchmark": "mixers_fla",
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "fla": getattr(fla, "__version__", "?"), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "throughput": throughput(args.smoke),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mixers_fla.json").write_text(json.dumps(result, indent=1))
+    if not args.skip_mqar:
+        result["mqar"] = mqar(args.smoke)
+        (out / "mixers_fla.json").write_text(json.dumps(result, indent=1))
+    print("\nlayer fwd+bwd tokens/s (bf16, d_model 512):")
+    for r in result["throughput"]:
+        print(f"  {r['impl']:7s} {r['layer']:17s} T={r['T']:5d} "
+              + (f"{r['tokens_per_s']/1e6:8.2f} M tok/s" if "tokens_per_s" in r else r.get("error", "")))
+    for r in result.get("mqar", []):
+        print(f"  mqar {r['impl']:7s} {r['layer']:17s} acc={r.get('accuracy', r.get('error'))}")
+
+
+if __name__ == "__main__":
+    main()
