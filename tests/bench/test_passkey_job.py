@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from memlab import mixers, tasks
-from memlab.bench.jobs import Overrides, build_job
+from memlab.bench.jobs import Overrides, RunContext, build_job
 from memlab.bench.jobs import passkey as passkey_job
 from memlab.bench.jobs.passkey import prefill_and_decode, score_passkey
 from memlab.bench.report import write_report
 from memlab.bench.runner import expand_suite, load_suite, run_suite
 from memlab.bench.store import Store
-from memlab.models.lm import LM
+from memlab.models.lm import LM, LMConfig
 
 CPU = torch.device("cpu")
 
@@ -95,6 +95,26 @@ def test_lm_layers_gives_one_row_its_own_depth(tmp_path) -> None:
     bad = write(tmp_path, mixer_extra=more.replace("lm_layers = 3", "lm_layers = 0"))
     with pytest.raises(ValueError, match="mixers\\[3\\] lm_layers must be a positive int, got 0"):
         expand_suite(load_suite(bad))
+
+
+def test_mixer_option_named_n_layers_reaches_the_mixer(tmp_path) -> None:
+    """MemMamba's own n_layers (layers inside the mixer) must not become the LM's depth."""
+    text = TINY.split("[[passkey.mixers]]")[0].replace("{extra}", "")
+    text += '[[passkey.mixers]]\nname = "memmamba"\nlm_layers = 1\n'
+    text += (
+        "options = { n_layers = 2, pool_size = 3, d_summary = 8, n_heads = 2, d_state = 4, chunk_size = 8 }\n"
+    )
+    path = tmp_path / "mm.toml"
+    path.write_text(text)
+    (spec,), _ = expand_suite(load_suite(path))
+    config = {k: v for k, v in spec.config.items() if k not in ("suite", "section", "job")}
+    config["test_sets"] = config["test_sets"][:1]
+    metrics = build_job("passkey").run(config, RunContext(device=CPU, progress=False))
+    options = spec.config["mixer_options"]
+    vocab = tasks.build("passkey", **spec.config["task_options"]).vocab_size
+    expected = LM(LMConfig(vocab_size=vocab, d_model=16, layers=[{"mixer": "memmamba", **options}]))
+    assert metrics["num_params"] == expected.num_params()
+    assert len(expected.blocks) == 1 and len(expected.blocks[0].mixer.layers) == 2
 
 
 def test_shipped_passkey_suite_expands() -> None:

@@ -66,7 +66,7 @@ from memlab.bench.report import (
     save_panels,
 )
 from memlab.bench.store import RunRecord
-from memlab.models.lm import LM
+from memlab.models.lm import LM, LMConfig
 from memlab.registry import make_config
 from memlab.tasks import IGNORE_INDEX, TokenData
 from memlab.train import TrainConfig, seed_everything, train
@@ -232,7 +232,7 @@ def _is_oom(exc: BaseException) -> bool:
 # -- the run kind -------------------------------------------------------------------------------
 @register_job("passkey")
 class PasskeyJob(MQARJob):
-    """Train ``LM.from_mixer`` on passkey at the train lengths; accuracy, state, latency per test length."""
+    """Train an LM of one mixer on passkey at the train lengths; accuracy, state, latency per test length."""
 
     def expand(self, table: dict[str, Any], *, where: str, overrides: Overrides) -> list[dict[str, Any]]:
         table = dict(table)
@@ -287,14 +287,16 @@ class PasskeyJob(MQARJob):
             _build_task(config["task"], config["task_options"], s, "test_sets") for s in config["test_sets"]
         ]
         vocab = test_tasks[0].vocab_size
-        build = {
-            "vocab_size": vocab,
-            "d_model": config["d_model"],
-            "n_layers": config["n_layers"],
-            **config["mixer_options"],
-        }
+
+        def build(options: dict[str, Any]) -> LM:
+            # LMConfig directly, not LM.from_mixer: a mixer option named like one of from_mixer's
+            # own arguments (MemMamba's inner n_layers) must reach the mixer, not the LM.
+            spec = {"mixer": config["mixer"], **options}
+            layers = [dict(spec) for _ in range(config["n_layers"])]
+            return LM(LMConfig(vocab_size=vocab, d_model=config["d_model"], layers=layers))
+
         seed_everything(config["seed"])  # the model's initial weights depend on the seed only
-        model = LM.from_mixer(config["mixer"], **build)
+        model = build(config["mixer_options"])
         train_len = max(d.seq_len for d in train_sets)
         early = {n: d for n, d in zip(test_names, test_data, strict=True) if d.seq_len <= train_len}
         tc = TrainConfig(lr=config["lr"], seed=config["seed"], progress=ctx.progress, **config["train"])
@@ -306,7 +308,7 @@ class PasskeyJob(MQARJob):
 
         test_model = model
         if config.get("test_options"):
-            test_model = LM.from_mixer(config["mixer"], **{**build, **config["test_options"]})
+            test_model = build({**config["mixer_options"], **config["test_options"]})
             test_model.load_state_dict(model.state_dict(), strict=True)
             test_model.to(device)
         del model
