@@ -217,12 +217,10 @@ class Case:
 def plan(mode: str) -> list[Case]:
     cases: list[Case] = []
     if mode == "smoke":
-        for d, h in ((128, 16), (64, 32)):
+        for d, h in ((64, 32), (128, 16)):
             for causal in (True, False):
                 for cfg in FWD_SWEEP[d]:
                     cases.append(Case("sweep_fwd", "flash2", 4, 4 * K, h, h, d, causal, extra={"cfg": cfg}))
-            for cfg in BWD_SWEEP[d]:
-                cases.append(Case("sweep_bwd", "flash2", 4, 4 * K, h, h, d, True, extra={"cfg": cfg}))
         for cfg in DECODE_SWEEP:
             for b, length in ((1, 128 * K), (8, 32 * K), (64, 4 * K)):
                 cases.append(
@@ -231,8 +229,12 @@ def plan(mode: str) -> list[Case]:
         for impl in ("sdpa_flash", "sdpa_cudnn"):
             for causal in (True, False):
                 cases.append(Case("fa", impl, 4, 4 * K, 16, 16, 128, causal))
-        cases.append(Case("decode", "sdpa", 1, 128 * K, 32, 8, 128, decode_tq=1))
-        cases.append(Case("fa", "flex", 4, 4 * K, 16, 16, 128, True))
+        for impl in ("sdpa", "sdpa_flash", "sdpa_efficient"):
+            cases.append(Case("decode", impl, 1, 128 * K, 32, 8, 128, decode_tq=1))
+        # Last: a backward that faults takes the process (and the CUDA context) with it.
+        for d, h in ((128, 16), (64, 32)):
+            for cfg in BWD_SWEEP[d]:
+                cases.append(Case("sweep_bwd", "flash2", 4, 4 * K, h, h, d, True, extra={"cfg": cfg}))
         return cases
     for s in (4 * K, 16 * K, 1 * K):
         for causal in (True, False):
@@ -269,6 +271,7 @@ BWD_SWEEP = {
     64: [((64, 128, 8, 3), (128, 64, 8, 3)), ((64, 64, 4, 3), (128, 64, 8, 3)),
          ((32, 128, 4, 3), (128, 64, 4, 3)), ((64, 128, 8, 2), (128, 128, 8, 2))],
 }
+GROUP_LOOP = [0]  # the dK/dV kernel's walk over GQA heads in the sweeps (--group-loop)
 # (block_n, warps, stages, programs per SM)
 DECODE_SWEEP = [(64, 4, 3, 4), (128, 4, 3, 4), (64, 4, 4, 8), (128, 8, 3, 4), (64, 4, 3, 2)]
 
@@ -300,7 +303,7 @@ def _cfgs(c: Case):
     if c.section == "sweep_fwd":
         return kernels.Config(*cfg)
     if c.section == "sweep_bwd":
-        return kernels.BwdConfig(kernels.Config(*cfg[0]), kernels.Config(*cfg[1]))
+        return kernels.BwdConfig(kernels.Config(*cfg[0]), kernels.Config(*cfg[1]), group_loop=GROUP_LOOP[0])
     return cfg
 
 
@@ -522,12 +525,13 @@ def prewarm(mode: str, workers: int, timeout_s: float, check_out: str | None) ->
     t = time.time()
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONUNBUFFERED="1")
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--mode", mode, "--warm-worker", f"{i}/{workers}"],
-                         env=env)
+        subprocess.Popen([sys.executable, __file__, "--mode", mode, "--warm-worker", f"{i}/{workers}",
+                          "--group-loop", str(GROUP_LOOP[0])], env=env)
         for i in range(workers)
     ]
     if check_out:
-        procs.append(subprocess.Popen([sys.executable, __file__, "--check-only", check_out], env=env))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--check-only", check_out,
+                                       "--group-loop", str(GROUP_LOOP[0])], env=env))
     for p in procs:
         try:
             p.wait(timeout=max(1.0, timeout_s - (time.time() - t)))
@@ -561,10 +565,22 @@ def main() -> None:
     ap.add_argument("--warm-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--group-loop", type=int, default=0, help="dK/dV GQA loop variant in the smoke sweeps")
     ap.add_argument("--budget-s", type=float, default=430.0,
                     help="stop timing new cases after this many seconds")
     ap.add_argument("--prewarm-s", type=float, default=200.0, help="longest wait for the compile workers")
     args = ap.parse_args()
+    GROUP_LOOP[0] = args.group_loop
+    if args.group_loop:
+        from memlab.ops.attention import triton as kernels
+
+        default_bwd_config = kernels.bwd_config
+
+        def bwd_config(d: int, interpret: bool):
+            cfg = default_bwd_config(d, interpret)
+            return kernels.BwdConfig(cfg.dkdv, cfg.dq, cfg.preprocess_block, args.group_loop)
+
+        kernels.bwd_config = bwd_config
     if args.rep < 20:
         raise SystemExit(f"--rep must be >= 20 for a median worth reporting, got {args.rep}")
     if args.warm_worker:

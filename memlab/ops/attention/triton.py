@@ -90,6 +90,9 @@ class BwdConfig:
     dkdv: Config  # block_m: query rows per step, block_n: keys held by one program
     dq: Config  # block_m: query rows held by one program, block_n: keys per step
     preprocess_block: int = 128
+    # How the dK/dV kernel walks the G query heads of a KV head: 0 one flat loop over (head,
+    # block) pairs indexed by division, 1 the same loop stepping two counters, 2 a loop per head.
+    group_loop: int = 0
 
 
 def fwd_config(d: int, causal: bool, interpret: bool) -> Config:
@@ -363,7 +366,7 @@ def _dkdv_steps(
     stride_qh, stride_doh, stat_stride_h, stride_qt, stride_dot,
     blk_lo, n_blk, n_heads, kpos, T, off, window, sinks, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, STEP: tl.constexpr,
 ):
     """Query blocks blk_lo..blk_lo+n_blk-1 of n_heads consecutive query heads, as one flat loop.
 
@@ -373,9 +376,13 @@ def _dkdv_steps(
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
+    g = n_blk * 0
+    blk = blk_lo + n_blk * 0
     for it in range(n_heads * n_blk):
-        g = it // n_blk
-        m_start = (blk_lo + it - g * n_blk) * BLOCK_M
+        if not STEP:
+            g = it // n_blk
+            blk = blk_lo + it - g * n_blk
+        m_start = blk * BLOCK_M
         rows = m_start + offs_m
         row_ok = rows < T
         q = tl.load(_tile(Q + q_off + g * stride_qh, m_start, stride_qt, offs_m, offs_d),
@@ -396,6 +403,11 @@ def _dkdv_steps(
         dp_t = _mma(v, tl.trans(do), None, INTERPRET)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _mma(_cast(ds_t, q.dtype, INTERPRET), q, dk, INTERPRET)
+        if STEP:
+            # Next (head, block) pair by counting rather than dividing.
+            wrap = blk + 1 == blk_lo + n_blk
+            g = tl.where(wrap, g + 1, g)
+            blk = tl.where(wrap, blk_lo, blk + 1)
     return dk, dv
 
 
@@ -411,6 +423,7 @@ def attention_bwd_dkdv_kernel(
     T, S, H, Hkv, G, lse_len, qk_scale, scale, window, sinks,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_WINDOWS: tl.constexpr, VARLEN: tl.constexpr,
+    GROUP_LOOP: tl.constexpr,
 ):
     """dK, dV for one key block of one KV head; the G query heads sharing it are summed here.
 
@@ -443,34 +456,42 @@ def attention_bwd_dkdv_kernel(
     q_off = _offset(batch, stride_qb, h0, stride_qh, seq0, stride_qt)
     do_off = _offset(batch, stride_dob, h0, stride_doh, seq0, stride_dot)
     stat_off = tl.cast(batch * H + h0, tl.int64) * lse_len + seq0
-    if HEAD_WINDOWS:
+    if HEAD_WINDOWS or GROUP_LOOP == 2:
         # Each head of the group has its own window, hence its own query-block ranges.
         for g in range(G):
-            w = tl.load(HW + h0 + g)
+            w = window
+            if HEAD_WINDOWS:
+                w = tl.load(HW + h0 + g)
             lo, a, c, hi = _query_block_ranges(n0, off, T_b, w, sinks, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
             q_g = q_off + g * stride_qh
             do_g = do_off + g * stride_doh
             stat_g = stat_off + g * lse_len
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_g, do_g, stat_g,
                                  stride_qh, stride_doh, lse_len, stride_qt, stride_dot, lo, a - lo, 1,
-                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
+                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
+                                 False)
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_g, do_g, stat_g,
                                  stride_qh, stride_doh, lse_len, stride_qt, stride_dot, a, c - a, 1,
-                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW)
+                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW,
+                                 False)
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_g, do_g, stat_g,
                                  stride_qh, stride_doh, lse_len, stride_qt, stride_dot, c, hi - c, 1,
-                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
+                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
+                                 False)
     else:
         lo, a, c, hi = _query_block_ranges(n0, off, T_b, window, sinks, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_off, do_off, stat_off,
                              stride_qh, stride_doh, lse_len, stride_qt, stride_dot, lo, a - lo, G,
-                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
+                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
+                             GROUP_LOOP == 1)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_off, do_off, stat_off,
                              stride_qh, stride_doh, lse_len, stride_qt, stride_dot, a, c - a, G,
-                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW)
+                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW,
+                             GROUP_LOOP == 1)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_off, do_off, stat_off,
                              stride_qh, stride_doh, lse_len, stride_qt, stride_dot, c, hi - c, G,
-                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
+                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
+                             GROUP_LOOP == 1)
     dk = dk * scale
     dk_base = DK + _offset(batch, stride_dkb, kvh, stride_dkh, 0, 0)
     dv_base = DV + _offset(batch, stride_dvb, kvh, stride_dvh, 0, 0)
@@ -686,7 +707,7 @@ def attention_bwd(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         t, s, h, hkv, h // hkv, t, scale * LOG2E, scale, win, sinks,
-        D=d, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, **flags,
+        D=d, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, **flags, GROUP_LOOP=cfg.group_loop,
         num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
     )
     attention_bwd_dq_kernel[(triton.cdiv(rows, q_cfg.block_m), n_seq * h)](
