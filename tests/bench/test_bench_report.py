@@ -128,8 +128,8 @@ def test_report_files_tables_and_failures(store_path, tmp_path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     md = paths.markdown.read_text()
     # The best-lr table keeps attention d=32 at lr 0.003 (mean 0.97), not 0.001 (mean 0.45).
-    assert "| attention | 32 | - | 0.003 | 0.97 | 0.99 | 0.95 | 32 KiB | 64 KiB |" in md
-    assert "| mamba | 64 | - | 0.001 | 0.4 | 0.6 | 0.2 | 8 KiB | 8 KiB |" in md
+    assert "| attention | 32 | - | 0.003 | 0.970 | 0.990 | 0.950 | 32 KiB | 64 KiB | 1000 | 50,000 |" in md
+    assert "| mamba | 64 | - | 0.001 | 0.400 | 0.600 | 0.200 | 8 KiB | 8 KiB |" in md
     assert "![recall-memory frontier](demo_mqar_frontier.png)" in md
     assert "gam d=32 lr=0.001 | failed | RuntimeError: out of <memory>" in md
     html = paths.index.read_text()

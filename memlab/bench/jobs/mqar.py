@@ -403,10 +403,10 @@ class MQARJob(Job):
                 r.config["d_model"],
                 _fmt_axes(r.config),
                 r.config["lr"],
-                r.metrics["mean_accuracy"],
+                _acc(r.metrics["mean_accuracy"]),
                 r.metrics["final_loss"],
                 r.metrics["epochs_run"],
-                r.metrics["train_tokens_per_s"],
+                _rate(r.metrics["train_tokens_per_s"]),
                 r.metrics["wall_s"],
             ]
             for r in sorted(done, key=lambda r: (r.config["label"], r.config["d_model"], r.config["lr"]))
@@ -446,6 +446,14 @@ def _build_task(task: str, task_options: dict[str, Any], data_set: dict[str, Any
         return tasks.build(task, **options)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def _fmt_opts(options: dict[str, Any]) -> str:
@@ -507,11 +515,11 @@ def _best_table(best: list[RunRecord], *, title: str, state_columns: str) -> Tab
                 r.config["d_model"],
                 _fmt_axes(r.config),
                 r.config["lr"],
-                m["mean_accuracy"],
-                *[m["accuracy"].get(n) for n in test_names],
+                _acc(m["mean_accuracy"]),
+                *[_acc(m["accuracy"].get(n)) for n in test_names],
                 *[format_bytes(m["state_bytes"].get(str(n))) for n in shown],
                 m["num_params"],
-                m["train_tokens_per_s"],
+                _rate(m["train_tokens_per_s"]),
                 format_bytes(m["peak_memory_bytes"]),
             ]
         )
