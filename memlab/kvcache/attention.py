@@ -47,12 +47,20 @@ def padding_mask_passthrough(*args: Any, attention_mask: torch.Tensor | None = N
 
 
 def dense_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scale: float,
+    window: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Causal attention of T queries over S >= T keys, the queries being the last T.
 
     q: (B, H, T, D); k, v: (B, Hkv, S, D); key_valid: (B, S) bool or None (no padding).
-    Returns (B, T, H, D). A padded query sees only itself, which keeps its output finite.
+    ``window``/``sinks``: a query at p sees keys in (p - window, p] and keys < sinks (StreamingLLM
+    attention, positions counted in columns). Returns (B, T, H, D). A padded query sees only
+    itself, which keeps its output finite.
     """
     b, h, t, d = q.shape
     s, hkv = k.shape[2], k.shape[1]
@@ -62,13 +70,15 @@ def dense_causal(
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
     if key_valid is None or bool(key_valid.all()):
-        if s == t:
+        if s == t and window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             return o.transpose(1, 2)
         key_valid = None
     qpos = torch.arange(s - t, s, device=q.device)[:, None]
     kpos = torch.arange(s, device=q.device)[None, :]
     allowed = (kpos <= qpos)[None, None]  # (1, 1, T, S)
+    if window is not None:
+        allowed = allowed & ((kpos > qpos - window) | (kpos < sinks))[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
         allowed = allowed | (kpos == qpos)[None, None]

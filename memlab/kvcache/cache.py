@@ -36,22 +36,32 @@ from memlab.kvcache.policies import Full, Observation, Policy
 
 
 def ragged_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Attention of new queries over ragged caches through ``memlab.ops.attention.decode``.
 
     q: (B, Tq, H, D); k, v: (B, S, Hkv, D); lengths: (B, Hkv). Returns (B, Tq, H, D). float64
     (used by the exactness tests) and head dims the kernel does not take go to its reference,
-    which is the specification the kernel is tested against.
+    which is the specification the kernel is tested against. ``window``/``sinks`` count rows:
+    rows are kept in position order, so after eviction the first rows are the sinks and the
+    last ones the most recent tokens.
     """
     from memlab.ops import attention as ops_attention
 
     if k.shape[1] == 0:
         return torch.zeros_like(q)
     if q.dtype == torch.float64 or q.shape[-1] not in ops_attention.HEAD_DIMS:
-        return ops_attention.decode_reference(q, k, v, lengths, scale=scale)
+        return ops_attention.decode_reference(q, k, v, lengths, scale=scale, window=window, sinks=sinks)
     # Lengths are valid by construction; skipping the check avoids a device sync per layer.
-    return ops_attention.decode(q, k, v, lengths.to(torch.int32), scale=scale, check_lengths=False)
+    return ops_attention.decode(
+        q, k, v, lengths.to(torch.int32), scale=scale, window=window, sinks=sinks, check_lengths=False
+    )
 
 
 class HeadGroup:
@@ -381,10 +391,20 @@ class KVLayer(CacheLayerMixin):
         self.columns += tq
 
         policy = cache.policy
-        if was_empty:
+        windows = [policy.attention_window(self.layer_idx, gi) for gi in range(len(self.groups))]
+        if was_empty and all(w is None for w in windows):
             # First tokens of this layer: nothing is cached yet, so dense causal attention over
             # the chunk (SDPA, flash on GPU) is exact and faster than the ragged kernel.
             out = dense_causal(query, k_new, v_new, None if mask2d is None else valid, scale)
+        elif was_empty:
+            out = torch.empty_like(q)
+            for gi, g in enumerate(self.groups):
+                qh = self.query_heads(g, h, hkv)
+                win, snk = windows[gi] if windows[gi] is not None else (None, 0)
+                out[:, :, qh] = dense_causal(
+                    query[:, qh], k_new[:, g.heads], v_new[:, g.heads], None if mask2d is None else valid,
+                    scale, window=win, sinks=snk,
+                )
         else:
             out = torch.empty_like(q)
             for gi, g in enumerate(self.groups):
@@ -396,7 +416,8 @@ class KVLayer(CacheLayerMixin):
                     idx, len_g = rows
                     idx4 = idx[..., None].expand(*idx.shape, d)
                     k_g, v_g = g.keys.gather(1, idx4), g.values.gather(1, idx4)
-                out[:, :, qh] = ragged_decode(q[:, :, qh], k_g, v_g, len_g, scale)
+                win, snk = windows[gi] if windows[gi] is not None else (None, 0)
+                out[:, :, qh] = ragged_decode(q[:, :, qh], k_g, v_g, len_g, scale, window=win, sinks=snk)
                 if tq == 1:
                     self.attended += int(len_g.sum()) * (h // hkv)
                     self.attended_full += int(g.lengths.sum()) * (h // hkv)
@@ -458,6 +479,8 @@ class KVLayer(CacheLayerMixin):
             budget = policy.group_budget(self.layer_idx, cache.n_layers, gi, seen, cache)
             if budget is None:
                 continue
+            if phase == "decode":
+                policy.refill(cache, self, gi)
             self.shrink(gi, budget, scale, phase)
 
     def shrink(self, gi: int, budget: torch.Tensor, scale: float, phase: str) -> None:
@@ -474,7 +497,11 @@ class KVLayer(CacheLayerMixin):
                 f"policy {self.cache.policy.name!r} returned scores of shape {tuple(scores.shape)}, "
                 f"expected {tuple(g.positions.shape)}"
             )
-        idx, kept = select_rows(scores, obs.valid, budget)
+        valid = obs.valid
+        idx, kept = select_rows(scores, valid, budget)
+        in_use = torch.arange(idx.shape[1], device=idx.device)[None, :, None] < kept[:, None, :]
+        kept_rows = torch.zeros_like(valid).scatter_(1, idx, in_use)
+        self.cache.policy.on_evict(self.cache, self.layer_idx, gi, g, valid & ~kept_rows, scores)
         g.keep(idx, kept)
 
 

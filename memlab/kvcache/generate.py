@@ -94,6 +94,53 @@ def prefill(
     return logits
 
 
+def run_prompt(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    question_ids: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Prefill context (and question) as the policy's mode says, freeze; last logits (B, V)."""
+    policy = cache.policy
+    select = getattr(policy, "select_input", None)
+    if select is not None:
+        # Input filters (GemFilter) choose the prompt tokens before the model runs on them.
+        input_ids, attention_mask, question_ids = select(
+            model, input_ids, attention_mask, question_ids, cache
+        )
+    if question_ids is None:
+        logits = prefill(model, input_ids, cache, attention_mask=attention_mask, chunk=chunk)
+    elif policy.query_aware:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ids = torch.cat([input_ids, question_ids], dim=1)
+        full = torch.cat([mask, torch.ones_like(question_ids)], dim=1)
+        logits = prefill(model, ids, cache, attention_mask=full, chunk=chunk)
+    else:
+        prefill(model, input_ids, cache, attention_mask=attention_mask, chunk=chunk)
+        cache.freeze()
+        logits = prefill(model, question_ids, cache)
+    if not cache.frozen:
+        cache.freeze()
+    return logits
+
+
+def _step(model: Any, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (B,) after the cache; returns the next logits (B, V)."""
+    mask = torch.cat([cache.state["mask"], torch.ones_like(cache.state["mask"][:, :1])], dim=1)
+    res = model(
+        input_ids=tokens[:, None],
+        attention_mask=mask,
+        position_ids=cache.seen.to(tokens.device)[:, None],
+        use_cache=True,
+        **{_cache_kwarg(model): cache},
+    )
+    cache.state["mask"] = mask
+    return res.logits[:, -1]
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -123,32 +170,12 @@ def generate(
                 f"question_ids batch {question_ids.shape[0]} differs from input_ids batch "
                 f"{input_ids.shape[0]}"
             )
-    policy = cache.policy
-    select = getattr(policy, "select_input", None)
-    if select is not None:
-        # Input filters (GemFilter) choose the prompt tokens before the model runs on them.
-        input_ids, attention_mask, question_ids = select(
-            model, input_ids, attention_mask, question_ids, cache
-        )
-    if question_ids is None:
-        logits = prefill(model, input_ids, cache, attention_mask=attention_mask, chunk=chunk)
-    elif policy.query_aware:
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        ids = torch.cat([input_ids, question_ids], dim=1)
-        full = torch.cat([mask, torch.ones_like(question_ids)], dim=1)
-        logits = prefill(model, ids, cache, attention_mask=full, chunk=chunk)
-    else:
-        prefill(model, input_ids, cache, attention_mask=attention_mask, chunk=chunk)
-        cache.freeze()
-        logits = prefill(model, question_ids, cache)
-    if not cache.frozen:
-        cache.freeze()
+    logits = run_prompt(model, input_ids, cache, attention_mask=attention_mask, question_ids=question_ids,
+                        chunk=chunk)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    key = _cache_kwarg(model)
     b = input_ids.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     out = []
-    mask = cache.state["mask"]
     for step in range(max_new_tokens):
         nxt = logits.argmax(dim=-1)  # (B,)
         if eos:
@@ -158,18 +185,37 @@ def generate(
         out.append(nxt)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        res = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=cache.seen.to(nxt.device)[:, None],
-            use_cache=True,
-            **{key: cache},
-        )
-        logits = res.logits[:, -1]
-    cache.state["mask"] = mask
+        logits = _step(model, cache, nxt)
     tokens = torch.stack(out, dim=1)
     if tokens.shape[1] < max_new_tokens:
         pad = next(iter(eos)) if eos else 0
         tokens = torch.cat([tokens, tokens.new_full((b, max_new_tokens - tokens.shape[1]), pad)], dim=1)
     return tokens
+
+
+@torch.no_grad()
+def answer_logprob(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    answer_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    question_ids: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Teacher-forced log-likelihood of ``answer_ids`` (B, Ta) after the prompt: (B,) float64.
+
+    The prompt runs as in ``generate``; answer tokens are fed one at a time, as decoding would
+    (so policies that evict while decoding do so between them).
+    """
+    _check_ids("answer_ids", answer_ids, None)
+    logits = run_prompt(model, input_ids, cache, attention_mask=attention_mask, question_ids=question_ids,
+                        chunk=chunk)
+    total = torch.zeros(answer_ids.shape[0], dtype=torch.float64, device=answer_ids.device)
+    for i in range(answer_ids.shape[1]):
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        total += logp.gather(1, answer_ids[:, i : i + 1].to(logp.device))[:, 0]
+        if i + 1 < answer_ids.shape[1]:
+            logits = _step(model, cache, answer_ids[:, i])
+    return total

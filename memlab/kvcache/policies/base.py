@@ -210,6 +210,20 @@ class Policy:
     def after_layer(self, cache: KVCache, layer: int, phase: str) -> None:
         """Called after a layer stored (and compressed) its rows. CAKE cascades budgets here."""
 
+    def on_evict(
+        self, cache: KVCache, layer: int, group: int, g: Any, evicted: torch.Tensor, scores: torch.Tensor
+    ) -> None:
+        """Called with the rows (B, S, G) bool about to be evicted from head group ``g`` (ALISA
+        moves them to a host tier)."""
+
+    def refill(self, cache: KVCache, layer: Any, group: int) -> None:
+        """Called before a decoding-time eviction of a head group (ALISA brings rows back)."""
+
+    def attention_window(self, layer: int, group: int) -> tuple[int, int] | None:
+        """(window, sinks) restricting what a head group's queries read (DuoAttention's
+        streaming heads), or None for full causal attention."""
+        return None
+
     def attention_rows(
         self, cache: KVCache, layer: Any, group: int, q: torch.Tensor, scale: float, phase: str
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
