@@ -90,29 +90,31 @@ class BwdConfig:
     dkdv: Config  # block_m: query rows per step, block_n: keys held by one program
     dq: Config  # block_m: query rows held by one program, block_n: keys per step
     preprocess_block: int = 128
-    # How the dK/dV kernel walks the G query heads of a KV head: 0 one flat loop over (head,
-    # block) pairs indexed by division, 1 the same loop stepping two counters, 2 a loop per head.
-    group_loop: int = 0
 
 
 def fwd_config(d: int, causal: bool, interpret: bool) -> Config:
-    """Tile sizes of the forward kernel; one fixed config under the interpreter."""
+    """Tile sizes of the forward kernel; one fixed config under the interpreter.
+
+    Picked by the sweep of ``benchmarks/flash2.py --mode smoke`` on an H200 (triton 3.6, bf16,
+    B=4, S=4096): D=128 (64, 64, 4 warps, 3 stages) 437/500 TFLOP/s causal/full against
+    (128, 128, 8, 3) 418/472; D=64 (128, 64, 8, 4) 387/424.
+    """
     if interpret:
         return Config(32, 32, 4, 1)
     if d <= 64:
-        return Config(128, 128, 8, 3)
+        return Config(128, 64, 8, 4)
     if d <= 128:
-        return Config(128, 128, 8, 3)
+        return Config(64, 64, 4, 3)
     return Config(64, 64, 4, 2)
 
 
 def bwd_config(d: int, interpret: bool) -> BwdConfig:
-    """Tile sizes of the backward kernels, chosen so that neither spills registers on sm_90."""
+    """Tile sizes of the backward kernels (same sweep: D=128 344 TFLOP/s, D=64 286, causal)."""
     if interpret:
         return BwdConfig(Config(32, 32, 4, 1), Config(32, 32, 4, 1), 32)
     if d <= 64:
-        return BwdConfig(Config(64, 128, 8, 3), Config(128, 64, 8, 3))
-    return BwdConfig(Config(32, 128, 8, 3), Config(128, 64, 8, 3))
+        return BwdConfig(Config(64, 64, 4, 3), Config(128, 64, 8, 3))
+    return BwdConfig(Config(64, 128, 8, 2), Config(128, 64, 8, 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,22 +368,21 @@ def _dkdv_steps(
     stride_qh, stride_doh, stat_stride_h, stride_qt, stride_dot,
     blk_lo, n_blk, n_heads, kpos, T, off, window, sinks, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, STEP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Query blocks blk_lo..blk_lo+n_blk-1 of n_heads consecutive query heads, as one flat loop.
 
     One loop over (head, block) pairs rather than a loop over heads around a loop over blocks:
     nested loops make Triton keep the pipelined inner loop's state across the outer one and
-    spill registers (dK and dV already hold 2 * BLOCK_N * D floats).
+    spill registers (dK and dV already hold 2 * BLOCK_N * D floats). The pair advances by two
+    counters: deriving it from the loop index with a division (it // n_blk) made triton 3.6
+    generate code that faulted on the H200 (illegal address), while the counters run clean.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     g = n_blk * 0
     blk = blk_lo + n_blk * 0
-    for it in range(n_heads * n_blk):
-        if not STEP:
-            g = it // n_blk
-            blk = blk_lo + it - g * n_blk
+    for _ in range(n_heads * n_blk):
         m_start = blk * BLOCK_M
         rows = m_start + offs_m
         row_ok = rows < T
@@ -403,11 +404,9 @@ def _dkdv_steps(
         dp_t = _mma(v, tl.trans(do), None, INTERPRET)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _mma(_cast(ds_t, q.dtype, INTERPRET), q, dk, INTERPRET)
-        if STEP:
-            # Next (head, block) pair by counting rather than dividing.
-            wrap = blk + 1 == blk_lo + n_blk
-            g = tl.where(wrap, g + 1, g)
-            blk = tl.where(wrap, blk_lo, blk + 1)
+        wrap = blk + 1 == blk_lo + n_blk
+        g = tl.where(wrap, g + 1, g)
+        blk = tl.where(wrap, blk_lo, blk + 1)
     return dk, dv
 
 
@@ -423,7 +422,6 @@ def attention_bwd_dkdv_kernel(
     T, S, H, Hkv, G, lse_len, qk_scale, scale, window, sinks,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_WINDOWS: tl.constexpr, VARLEN: tl.constexpr,
-    GROUP_LOOP: tl.constexpr,
 ):
     """dK, dV for one key block of one KV head; the G query heads sharing it are summed here.
 
@@ -456,42 +454,34 @@ def attention_bwd_dkdv_kernel(
     q_off = _offset(batch, stride_qb, h0, stride_qh, seq0, stride_qt)
     do_off = _offset(batch, stride_dob, h0, stride_doh, seq0, stride_dot)
     stat_off = tl.cast(batch * H + h0, tl.int64) * lse_len + seq0
-    if HEAD_WINDOWS or GROUP_LOOP == 2:
+    if HEAD_WINDOWS:
         # Each head of the group has its own window, hence its own query-block ranges.
         for g in range(G):
-            w = window
-            if HEAD_WINDOWS:
-                w = tl.load(HW + h0 + g)
+            w = tl.load(HW + h0 + g)
             lo, a, c, hi = _query_block_ranges(n0, off, T_b, w, sinks, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
             q_g = q_off + g * stride_qh
             do_g = do_off + g * stride_doh
             stat_g = stat_off + g * lse_len
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_g, do_g, stat_g,
                                  stride_qh, stride_doh, lse_len, stride_qt, stride_dot, lo, a - lo, 1,
-                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
-                                 False)
+                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_g, do_g, stat_g,
                                  stride_qh, stride_doh, lse_len, stride_qt, stride_dot, a, c - a, 1,
-                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW,
-                                 False)
+                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW)
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_g, do_g, stat_g,
                                  stride_qh, stride_doh, lse_len, stride_qt, stride_dot, c, hi - c, 1,
-                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
-                                 False)
+                                 kpos, T_b, off, w, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
     else:
         lo, a, c, hi = _query_block_ranges(n0, off, T_b, window, sinks, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_off, do_off, stat_off,
                              stride_qh, stride_doh, lse_len, stride_qt, stride_dot, lo, a - lo, G,
-                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
-                             GROUP_LOOP == 1)
+                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_off, do_off, stat_off,
                              stride_qh, stride_doh, lse_len, stride_qt, stride_dot, a, c - a, G,
-                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW,
-                             GROUP_LOOP == 1)
+                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, False, CAUSAL, HAS_WINDOW)
         dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, q_off, do_off, stat_off,
                              stride_qh, stride_doh, lse_len, stride_qt, stride_dot, c, hi - c, G,
-                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW,
-                             GROUP_LOOP == 1)
+                             kpos, T_b, off, window, sinks, qk_scale, D, BLOCK_M, True, CAUSAL, HAS_WINDOW)
     dk = dk * scale
     dk_base = DK + _offset(batch, stride_dkb, kvh, stride_dkh, 0, 0)
     dv_base = DV + _offset(batch, stride_dvb, kvh, stride_dvh, 0, 0)
@@ -707,7 +697,7 @@ def attention_bwd(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         t, s, h, hkv, h // hkv, t, scale * LOG2E, scale, win, sinks,
-        D=d, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, **flags, GROUP_LOOP=cfg.group_loop,
+        D=d, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, **flags,
         num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
     )
     attention_bwd_dq_kernel[(triton.cdiv(rows, q_cfg.block_m), n_seq * h)](
