@@ -262,6 +262,7 @@ def test_tiny_suite_end_to_end(tmp_path, monkeypatch) -> None:
     assert {"tiny_passkey_passkey_vs_length.png", "tiny_passkey_passkey_depth.png"} <= names
     md = paths.markdown.read_text()
     assert "Best learning rate per (mixer, d_model)" in md and "oom" in md
+    assert "| landmark | 16 | 48 | 1 |" in md  # the read counters table
 
 
 def test_job_is_registered() -> None:

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from memlab import mixers, tasks
+from memlab import mixers
 from memlab.bench.jobs.base import Overrides, RunContext, check_keys, register_job
 from memlab.bench.jobs.mqar import MQARJob, _build_task, best_lr_runs, line_key, set_name
 from memlab.bench.measure import peak_memory
@@ -69,6 +69,7 @@ from memlab.bench.store import RunRecord
 from memlab.models.lm import LM, LMConfig
 from memlab.registry import make_config
 from memlab.tasks import IGNORE_INDEX, TokenData
+from memlab.tasks.passkey import Passkey
 from memlab.train import TrainConfig, seed_everything, train
 
 MEASURE_DEFAULTS: dict[str, int] = {
@@ -96,7 +97,7 @@ def check_measure(value: Any, where: str) -> dict[str, int]:
 @torch.no_grad()
 def score_passkey(
     model: torch.nn.Module,
-    task: tasks.Task,
+    task: Passkey,
     data: TokenData,
     *,
     batch_size: int,
@@ -226,7 +227,11 @@ def prefill_and_decode(
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """Device or host allocation failure (CUDA OOM, or the CPU allocator refusing a tensor)."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    )
 
 
 # -- the run kind -------------------------------------------------------------------------------
@@ -418,6 +423,7 @@ class PasskeyJob(MQARJob):
                 tables=[
                     _best_table(best, title="Best learning rate per (mixer, d_model)", full=True),
                     _depth_table(best),
+                    *([reads] if (reads := _reads_table(best)).rows else []),
                     _runs_table(done),
                 ],
                 figures=figures,
@@ -495,6 +501,46 @@ def _depth_table(best: list[RunRecord]) -> Table:
     return Table(
         title="Exact match by needle depth (0: start, 1: just before the question)",
         columns=["mixer", "d_model", "test", *edges],
+        rows=rows,
+    )
+
+
+def _reads_table(best: list[RunRecord]) -> Table:
+    """What a decoding step reads, for mixers that count it (Landmark): per query and head, summed
+    over layers, against the number of cached tokens that full attention would read."""
+    rows = []
+    for r in best:
+        for length, layers in sorted(r.metrics.get("read_counters", {}).items(), key=lambda kv: int(kv[0])):
+            if not layers:
+                continue
+            per_query = {
+                k: sum(layer.get(k, 0) / max(layer.get("queries", 1), 1) for layer in layers)
+                for k in ("landmarks_scanned", "retrieved_tokens", "local_tokens")
+            }
+            rows.append(
+                [
+                    line_key(r.config),
+                    r.config["d_model"],
+                    int(length),
+                    len(layers),
+                    per_query["landmarks_scanned"],
+                    per_query["retrieved_tokens"],
+                    per_query["local_tokens"],
+                    len(layers) * int(length),
+                ]
+            )
+    return Table(
+        title="Tokens read per decoding step (per query and head, summed over layers)",
+        columns=[
+            "mixer",
+            "d_model",
+            "prefill length",
+            "layers",
+            "landmarks",
+            "retrieved",
+            "local",
+            "full attn",
+        ],
         rows=rows,
     )
 
