@@ -99,6 +99,16 @@ def test_failing_run_is_recorded_and_the_suite_goes_on_then_resume_skips_done(tm
         assert store.get(failed[0].id).attempts == 2
 
 
+def test_out_of_memory_is_a_failed_run_not_a_crash(tmp_path) -> None:
+    suite = load_suite(fake_suite(tmp_path, runs=3, extra="oom = [0]"))
+    with Store(tmp_path / "s.sqlite") as store:
+        res = run_suite(suite, store, device=CPU, progress=False, log=lambda m: None)
+        assert (res.done, res.failed) == (2, 1)
+        (failed,) = store.records(status="failed")
+        assert failed.name == "main: fake #0"
+        assert failed.error_line == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 80.00 GiB"
+
+
 def test_limit_and_filter(tmp_path, monkeypatch) -> None:
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("MEMLAB_TEST_CALLS", str(log))
