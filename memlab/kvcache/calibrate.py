@@ -146,7 +146,7 @@ def calibrate_duo(
             opt.step()
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
-            losses.append(float(distill))
+            losses.append(float(distill.detach()))
             if log is not None:
                 log(step, float(distill), float(gates.mean()))
     finally:

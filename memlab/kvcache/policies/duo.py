@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memlab.kvcache.policies.base import Observation, Policy, check_nonneg_int, register
+from memlab.kvcache.policies.base import FixedKeepPolicy, Observation, check_nonneg_int, register
 
 if TYPE_CHECKING:
     from memlab.kvcache.cache import KVCache
@@ -62,7 +62,7 @@ def retrieval_heads(gates: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @register("duo")
 @dataclass(kw_only=True)
-class DuoAttention(Policy):
+class DuoAttention(FixedKeepPolicy):
     """``gates``: a (n_layers, n_kv_heads) tensor or the path of a gates file."""
 
     gates: Any = None
@@ -78,6 +78,12 @@ class DuoAttention(Policy):
             raise ValueError(
                 f"policy 'duo': tokens={self.tokens} is not a DuoAttention budget; give ratio= (the fraction "
                 "of KV heads kept as retrieval heads)"
+            )
+        r = self.ratio
+        if r is None or isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
+            raise ValueError(
+                f"policy 'duo': ratio={r!r} must be in [0, 1], the fraction of KV heads kept as retrieval "
+                "heads"
             )
         super().__post_init__()
         if self.gates is None:

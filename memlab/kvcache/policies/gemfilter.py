@@ -138,10 +138,13 @@ class GemFilter(Policy):
         top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k) columns in order
         out = torch.zeros(b, k, dtype=ids.dtype, device=ids.device)
         out_mask = torch.zeros(b, k, dtype=torch.long, device=ids.device)
+        columns = torch.full((b, k), -1, dtype=torch.long)
         for i in range(b):
             cols = scores[i].topk(int(keep_n[i])).indices.sort().values if keep_n[i] < k else top[i]
             n = len(cols)
             out[i, k - n :] = ids[i, cols.to(ids.device)]
             out_mask[i, k - n :] = 1
-        cache.state["gemfilter_selected"] = out_mask.sum(dim=1)
+            columns[i, k - n :] = cols.cpu()
+        # Which input columns were kept (-1 for padding), for reports and tests.
+        cache.state["gemfilter_columns"] = columns
         return out, (out_mask if bool((out_mask == 0).any()) else None), question_ids
