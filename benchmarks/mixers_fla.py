@@ -138,9 +138,9 @@ def throughput(smoke: bool) -> list[dict]:
 
 def mqar(smoke: bool) -> list[dict]:
     task = build_task("mqar", vocab_size=8192, seq_len=256, num_pairs=16)
-    n_train = 2000 if smoke else 40000
+    n_train = 2000 if smoke else 20000
     train_set, test_set = task.make(n_train, seed=0), task.make(1000, seed=1)
-    cfg = TrainConfig(lr=1e-3, epochs=2 if smoke else 16, batch_size=128, warmup_steps=50,
+    cfg = TrainConfig(lr=1e-3, epochs=2 if smoke else 6, batch_size=128, warmup_steps=50,
                       target_accuracy=0.99, seed=0, progress=False)
     rows = []
     d = 128
