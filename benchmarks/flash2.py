@@ -36,28 +36,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from memlab.ops.attention import attention, attention_reference, decode, decode_reference
 
 BF16 = torch.bfloat16
 K = 1024
+# Every (shape, mask) of FlexAttention is a recompilation of one function; past dynamo's default
+# limit of 8 it silently runs eagerly (the full score matrix), which is not the Flex we compare to.
+for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+              "accumulated_cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 256)
 
 
 # ----------------------------------------------------------------------------------------------
 # timing and bookkeeping
 
 
-def time_ms(fn: Callable[[], Any], rep: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` over ``rep`` calls queued back to back (CUDA events)."""
+def time_ms(
+    fn: Callable[..., Any], rep: int, warmup: int = 3, setup: Callable[[], Any] | None = None
+) -> float:
+    """Median milliseconds of ``fn`` over ``rep`` calls queued back to back (CUDA events).
+
+    With ``setup``, each call is ``fn(setup())`` and only ``fn`` lies between the events (a
+    backward pass timed after its own, untimed, forward)."""
     for _ in range(warmup):
-        fn()
+        fn(setup()) if setup else fn()
     torch.cuda.synchronize()
     events = []
     for _ in range(rep):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        arg = setup() if setup else None
         start.record()
-        fn()
+        fn(arg) if setup else fn()
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
@@ -221,6 +234,18 @@ class Case:
 
 def plan(mode: str) -> list[Case]:
     cases: list[Case] = []
+    if mode == "extra":  # a short rerun: decode with the shipped split rule, windows vs compiled Flex
+        for s in (16 * K,):
+            for w in (1 * K, 4 * K):
+                for impl in ("flex", "flash2"):
+                    cases.append(
+                        Case("window", impl, 1, s, 16, 16, 128, True, window=w, extra={"fwd_only": 1})
+                    )
+        for b, length in ((1, 128 * K), (8, 32 * K), (64, 4 * K)):
+            for impl in ("flash2", "sdpa"):
+                cases.append(Case("decode", impl, b, length, 32, 8, 128, decode_tq=1))
+            cases.append(Case("decode", "flash2", b, length, 32, 8, 128, decode_tq=1, ragged=True))
+        return cases
     if mode == "smoke":
         for d, h in ((64, 32), (128, 16)):
             for causal in (True, False):
@@ -370,12 +395,17 @@ def callables(c: Case) -> dict[str, Callable[[], Any]]:
     def fwd():  # the training forward (inputs require grad), as in the FlashAttention protocol
         return impl(q, k, v, c.causal, **kwargs)
 
-    state: dict[str, torch.Tensor] = {}
+    if c.extra.get("fwd_only"):
+        def fwd_inference():
+            with torch.no_grad():
+                return impl(q, k, v, c.causal, **kwargs)
 
-    def bwd():
-        if "o" not in state:
-            state["o"] = impl(q, k, v, c.causal, **kwargs)
-        return torch.autograd.grad(state["o"], (q, k, v), do, retain_graph=True)
+        return {"fwd_nograd": fwd_inference}
+
+    def bwd(o):  # o from an untimed forward (see time_ms); compiled Flex forbids retain_graph
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    bwd.setup = fwd  # type: ignore[attr-defined]
 
     def fwd_bwd():
         o = impl(q, k, v, c.causal, **kwargs)
@@ -489,7 +519,7 @@ def run_case(run: Run, c: Case, rep: int) -> None:
             causal=c.causal, window=c.window, ragged=c.ragged, cfg=c.extra.get("cfg"),
         )
         try:
-            ms = time_ms(fn, rep)
+            ms = time_ms(fn, rep, setup=getattr(fn, "setup", None))
         except Exception as exc:
             rec["error"] = repr(exc)[:300]
             run.add(**rec)
@@ -502,7 +532,7 @@ def run_case(run: Run, c: Case, rep: int) -> None:
             rec["us"] = round(ms * 1e3, 1)
             rec["tbps"] = round(kv_bytes / (ms * 1e-3) / 1e12, 3)
         else:
-            mult = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+            mult = {"fwd": 1.0, "fwd_nograd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
             rec["tflops"] = round(mult * case_flops(c) / (ms * 1e-3) / 1e12, 1)
         run.add(**rec)
     torch.cuda.empty_cache()
@@ -516,7 +546,8 @@ def warm_worker(mode: str, index: int, count: int) -> None:
         t = time.time()
         try:
             for fn in callables(c).values():
-                fn()
+                setup = getattr(fn, "setup", None)
+                fn(setup()) if setup else fn()
             torch.cuda.synchronize()
             print(f"[warm {index}] {c.name}: {time.time() - t:.1f}s", flush=True)
         except Exception as exc:
@@ -562,7 +593,7 @@ def summary(run: Run) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["smoke", "full"], default="full")
+    ap.add_argument("--mode", choices=["smoke", "full", "extra"], default="full")
     ap.add_argument("--out", default="benchmarks/results/flash2.json")
     ap.add_argument("--rep", type=int, default=25)
     ap.add_argument("--workers", type=int, default=12)
