@@ -8,6 +8,16 @@ question).
 from memlab.kvcache import policies
 from memlab.kvcache.attention import ATTN_NAME
 from memlab.kvcache.cache import KVCache
-from memlab.kvcache.generate import answer_logprob, generate, prefill, run_prompt
+from memlab.kvcache.generate import answer_logprob, generate, greedy, prefill, run_prompt, teacher_force
 
-__all__ = ["ATTN_NAME", "KVCache", "answer_logprob", "generate", "policies", "prefill", "run_prompt"]
+__all__ = [
+    "ATTN_NAME",
+    "KVCache",
+    "answer_logprob",
+    "generate",
+    "greedy",
+    "policies",
+    "prefill",
+    "run_prompt",
+    "teacher_force",
+]

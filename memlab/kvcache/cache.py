@@ -190,6 +190,21 @@ def select_rows(
     return idx, kept
 
 
+def _stack_heads(groups: list[HeadGroup], name: str) -> torch.Tensor | None:
+    """One tensor over all KV heads (in head order) from a layer's groups' ``name`` tensors."""
+    parts = [getattr(g, name) for g in groups]
+    if any(p is None for p in parts):
+        return None
+    rows = max(p.shape[1] for p in parts) if name != "lengths" else 0
+    if name != "lengths":
+        parts = [_resize_rows(p, rows) for p in parts]
+    dim = 1 if name == "lengths" else 2
+    heads = [h for g in groups for h in g.heads]
+    out = torch.cat(parts, dim=dim)
+    order = torch.tensor(sorted(range(len(heads)), key=lambda i: heads[i]), device=out.device)
+    return out.index_select(dim, order)
+
+
 class KVLayer(CacheLayerMixin):
     """One decoder layer's ragged cache (a transformers cache layer)."""
 
@@ -208,6 +223,8 @@ class KVLayer(CacheLayerMixin):
         self.qvalid: torch.Tensor | None = None  # (B, W) bool
         self.qpos: torch.Tensor | None = None  # (B, W) int64
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prefill_forwards = 0
+        self.scale = 1.0
         self.attended = 0  # rows read by decoding queries, summed over (batch, query head) and steps
         self.attended_full = 0  # rows a full cache would have held for the same reads
 
@@ -389,6 +406,9 @@ class KVLayer(CacheLayerMixin):
             g.append(kt[:, :, g.heads], vt[:, :, g.heads], pos, valid)
         self.seen = self.seen + valid.sum(dim=1)
         self.columns += tq
+        self.scale = scale
+        if phase == "prefill":
+            self.prefill_forwards += 1
 
         policy = cache.policy
         windows = [policy.attention_window(self.layer_idx, gi) for gi in range(len(self.groups))]
@@ -535,6 +555,7 @@ class KVCache(Cache):
                 f"policy must be a memlab Policy (policies.build(...)), got {type(policy).__name__}"
             )
         self.policy: Policy = policy if policy is not None else Full()
+        self.config = config
         self.n_layers = int(text.num_hidden_layers)
         self.n_heads = int(text.num_attention_heads)
         self.n_kv_heads = int(getattr(text, "num_key_value_heads", None) or self.n_heads)
@@ -562,6 +583,61 @@ class KVCache(Cache):
             raise ValueError("freeze() needs a prefilled cache")
         self.frozen = True
         self.frozen_seen = self.layers[0].seen.clone()
+
+    def fork(self, policy: Policy) -> KVCache:
+        """A new cache holding what ``policy`` keeps after the same one-shot prefill as this one.
+
+        With one-shot prefill every layer attends over the whole prompt before it compresses, so
+        a policy's result depends only on the full keys, values, last queries (and attention
+        mass) that this cache recorded: ``Full(observe_window=W, observe_mass=True)`` records
+        them, and forking replays each layer's compression, in layer order, on copies. Benchmarks
+        use it to run many policies on one prefill. Policies that change the prefill itself
+        (streaming attention, input filters) cannot be forked.
+        """
+        base = self.policy
+        if not isinstance(base, Full) or self.frozen:
+            raise ValueError("fork needs an unfrozen cache filled by the 'full' policy")
+        lay0 = self.layers[0]
+        if not lay0.is_initialized or lay0.prefill_forwards != 1:
+            raise ValueError(f"fork needs a one-shot prefill, got {lay0.prefill_forwards} prefill forwards")
+        if policy.query_window() > base.observe_window or (policy.needs_mass and not base.observe_mass):
+            raise ValueError(
+                f"policy {policy.name!r} needs {policy.query_window()} observed queries and mass="
+                f"{policy.needs_mass}; this cache observed {base.observe_window} and mass={base.observe_mass}"
+            )
+        changes_prefill = getattr(policy, "select_input", None) is not None or any(
+            policy.attention_window(i, g) is not None
+            for i in range(self.n_layers)
+            for g in range(len(policy.head_groups(i, self.n_kv_heads)))
+        )
+        if changes_prefill:
+            raise ValueError(f"policy {policy.name!r} changes the prefill itself and cannot be forked")
+        new = KVCache(self.config, policy=policy, prefill_chunk=self.prefill_chunk)
+        for old, lay in zip(self.layers, new.layers, strict=True):
+            full = {name: _stack_heads(old.groups, name) for name in ("keys", "values", "positions", "mass")}
+            lengths = _stack_heads(old.groups, "lengths")
+            lay.device, lay.dtype, lay.batch_size = old.device, old.dtype, old.batch_size
+            lay.seen, lay.columns, lay.scale = old.seen.clone(), old.columns, old.scale
+            lay.prefill_forwards = old.prefill_forwards
+            window = policy.query_window()
+            if window > 0:
+                lay.qbuf, lay.qvalid, lay.qpos = (
+                    t[:, -window:].clone() for t in (old.qbuf, old.qvalid, old.qpos)
+                )
+            for heads in policy.head_groups(lay.layer_idx, self.n_kv_heads):
+                g = HeadGroup(list(heads))
+                g.keys, g.values = full["keys"][:, :, heads].clone(), full["values"][:, :, heads].clone()
+                g.positions, g.lengths = full["positions"][:, :, heads].clone(), lengths[:, heads].clone()
+                if policy.needs_mass:
+                    g.mass = full["mass"][:, :, heads].clone()
+                lay.groups.append(g)
+            lay.is_initialized = True
+        for lay in new.layers:
+            lay.compress(lay.scale, "prefill")
+            policy.after_layer(new, lay.layer_idx, "prefill")
+        if "mask" in self.state:
+            new.state["mask"] = self.state["mask"].clone()
+        return new
 
     @property
     def seen(self) -> torch.Tensor:

@@ -172,9 +172,22 @@ def generate(
             )
     logits = run_prompt(model, input_ids, cache, attention_mask=attention_mask, question_ids=question_ids,
                         chunk=chunk)
+    return greedy(model, cache, logits, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+
+
+@torch.no_grad()
+def greedy(
+    model: Any,
+    cache: KVCache,
+    logits: torch.Tensor,
+    *,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding from the last prompt logits (B, V). Returns (B, max_new_tokens)."""
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    b = input_ids.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    b = logits.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
     out = []
     for step in range(max_new_tokens):
         nxt = logits.argmax(dim=-1)  # (B,)
@@ -212,6 +225,12 @@ def answer_logprob(
     _check_ids("answer_ids", answer_ids, None)
     logits = run_prompt(model, input_ids, cache, attention_mask=attention_mask, question_ids=question_ids,
                         chunk=chunk)
+    return teacher_force(model, cache, logits, answer_ids)
+
+
+@torch.no_grad()
+def teacher_force(model: Any, cache: KVCache, logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(answer_ids) (B, Ta) from the last prompt logits (B, V): (B,) float64."""
     total = torch.zeros(answer_ids.shape[0], dtype=torch.float64, device=answer_ids.device)
     for i in range(answer_ids.shape[1]):
         logp = torch.log_softmax(logits.double(), dim=-1)

@@ -7,7 +7,7 @@ import torch
 from kvtiny import random_ids, tiny_model
 from transformers import DynamicCache
 
-from memlab.kvcache import ATTN_NAME, KVCache, generate, policies, prefill
+from memlab.kvcache import ATTN_NAME, KVCache, generate, greedy, policies, prefill
 
 
 def hf_greedy(model, ids, n, mask=None):
@@ -302,3 +302,26 @@ def test_bad_cache_arguments() -> None:
     bad_mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="left padding"):
         prefill(model, ids, cache, attention_mask=bad_mask)
+
+
+@pytest.mark.parametrize("name,cfg", [("snapkv", {"tokens": 14, "window": 4}), ("h2o", {"ratio": 0.4}),
+                                      ("pyramidkv", {"tokens": 14, "window": 4}), ("streaming", {"tokens": 10}),
+                                      ("cake", {"tokens": 14, "window": 4})])
+def test_fork_of_a_full_prefill_equals_running_the_policy(name: str, cfg: dict) -> None:
+    """One observed full prefill, forked, gives the same cache and answers as running the policy."""
+    model = tiny_model("llama", layers=3)
+    ids, question = random_ids(1, 44), random_ids(1, 5, seed=8)
+    base = KVCache(model.config, policy=policies.build("full", observe_window=8, observe_mass=True))
+    prefill(model, ids, base)
+    forked = base.fork(policies.build(name, **cfg))
+    direct = KVCache(model.config, policy=policies.build(name, **cfg))
+    prefill(model, ids, direct)
+    for a, b in zip(forked.layers, direct.layers, strict=True):
+        for ga, gb in zip(a.groups, b.groups, strict=True):
+            assert torch.equal(ga.positions, gb.positions)
+            torch.testing.assert_close(ga.keys, gb.keys, atol=1e-12, rtol=0)
+    forked.freeze()
+    direct.freeze()
+    out_f = greedy(model, forked, prefill(model, question, forked), max_new_tokens=6)
+    out_d = greedy(model, direct, prefill(model, question, direct), max_new_tokens=6)
+    assert torch.equal(out_f, out_d)
