@@ -304,9 +304,16 @@ def test_bad_cache_arguments() -> None:
         prefill(model, ids, cache, attention_mask=bad_mask)
 
 
-@pytest.mark.parametrize("name,cfg", [("snapkv", {"tokens": 14, "window": 4}), ("h2o", {"ratio": 0.4}),
-                                      ("pyramidkv", {"tokens": 14, "window": 4}), ("streaming", {"tokens": 10}),
-                                      ("cake", {"tokens": 14, "window": 4})])
+FORKABLE = [
+    ("snapkv", {"tokens": 14, "window": 4}),
+    ("h2o", {"ratio": 0.4}),
+    ("pyramidkv", {"tokens": 14, "window": 4}),
+    ("streaming", {"tokens": 10}),
+    ("cake", {"tokens": 14, "window": 4}),
+]
+
+
+@pytest.mark.parametrize("name,cfg", FORKABLE)
 def test_fork_of_a_full_prefill_equals_running_the_policy(name: str, cfg: dict) -> None:
     """One observed full prefill, forked, gives the same cache and answers as running the policy."""
     model = tiny_model("llama", layers=3)
