@@ -123,7 +123,7 @@ def test_shipped_passkey_suite_expands() -> None:
     cfg = specs[0].config
     train_lengths = {s["seq_len"] for s in cfg["train_sets"]}
     test_lengths = {s["seq_len"] for s in cfg["test_sets"]}
-    assert min(train_lengths) >= 1024 and max(train_lengths) <= 2048
+    assert {1024, 2048} <= train_lengths and max(train_lengths) == 2048
     assert {1024, 4096, 16384} <= test_lengths and max(test_lengths) > 16384
     assert {"attention", "mamba"} <= {s.config["mixer"] for s in specs}
 
