@@ -216,6 +216,7 @@ def run_suite(
             continue
         started += 1
         log(f"[{i + 1}/{len(specs)}] {spec.name}  ({spec.id})")
+        t_run = time.perf_counter()
         job_config = {k: v for k, v in spec.config.items() if k not in ("suite", "section", "job")}
         try:
             metrics = jobs[spec.job].run(job_config, ctx)
@@ -235,6 +236,8 @@ def run_suite(
         else:
             store.finish(spec.id, metrics)
             result.done += 1
+            line = jobs[spec.job].headline(metrics)
+            log(f"  done in {time.perf_counter() - t_run:.1f} s" + (f": {line}" if line else ""))
     result.wall_s = time.perf_counter() - t0
     return result
 

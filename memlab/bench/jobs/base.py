@@ -73,6 +73,10 @@ class Job:
         """Run one config and return its metrics (a JSON-able dict)."""
         raise NotImplementedError
 
+    def headline(self, metrics: dict[str, Any]) -> str:
+        """One line about a finished run's result, logged by the runner."""
+        return ""
+
     def notes(self) -> list[str]:
         """Messages from the last ``expand`` (e.g. skipped optional mixers)."""
         return []

@@ -291,6 +291,13 @@ class MQARJob(Job):
             "axes": {k: v for k, v in axes.items() if k != "seed"},
         }
 
+    def headline(self, metrics: dict[str, Any]) -> str:
+        longest = max(metrics["state_bytes"], key=int)
+        return (
+            f"mean acc {metrics['mean_accuracy']:.3f}, state @L{longest} "
+            f"{format_bytes(metrics['state_bytes'][longest])}, {metrics['train_tokens_per_s']:,.0f} tok/s"
+        )
+
     def describe(self, config: dict[str, Any]) -> str:
         extra = "".join(f" {k.split('.')[-1]}={format_value(v)}" for k, v in config["axes"].items())
         seed = f" seed={config['seed']}" if config["seed"] else ""
