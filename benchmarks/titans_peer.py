@@ -16,8 +16,10 @@ What cannot be matched is kept as each library designs it and written into the J
 adds learned long-term memory tokens to every segment, axial position embeddings, value residual
 and untied embeddings; memlab reads one memory token per segment query and ties the embeddings.
 
-The number of training sequences is set from the slower model's measured throughput so that each
-training takes about ``--train-budget`` seconds; both models train on exactly those sequences.
+The number of training tokens is set from the slower model's measured forward + backward throughput
+so that each training takes about ``--train-budget`` seconds (capped per task); both models train
+on exactly the same sequences, in the same order. The passkey mix is the passkey suite's: about
+10% of the tokens in 128-token sequences that bootstrap the retrieval, the rest at 1024.
 
 titans-pytorch is imported from PYTHONPATH (its wheels are installed next to, not into, memlab's
 environment); memlab is imported from this checkout. Nothing of titans-pytorch is copied here.
@@ -61,17 +63,18 @@ FULL = {
     "lr": 1e-3,
     "mqar": {
         "task": {"vocab_size": 8192, "power_a": 0.01, "random_non_queries": True},
-        "train": {"seq_len": 256, "num_pairs": 16},
+        "train": [{"seq_len": 256, "num_pairs": 16, "tokens": 1.0}],
         "tests": [{"seq_len": 256, "num_pairs": 16, "n": 1000}, {"seq_len": 512, "num_pairs": 32, "n": 500}],
         "batch_size": 64,
-        "max_examples": 40000,
+        "max_tokens": 10_000_000,
     },
     "passkey": {
         "task": {"key_len": 5, "filler": "repeat", "period": 32, "filler_vocab": 32},
-        "train": {"seq_len": 1024},
+        # as in the passkey suite: a short set bootstraps the retrieval (about 10% of the tokens)
+        "train": [{"seq_len": 128, "tokens": 0.1}, {"seq_len": 1024, "tokens": 0.9}],
         "tests": [{"seq_len": 1024, "n": 256}, {"seq_len": 4096, "n": 64}],
         "batch_size": 16,
-        "max_examples": 16384,
+        "max_tokens": 16_000_000,
     },
     "decode": {"lengths": [1024, 4096], "steps": 64, "warmup": 4},
     "throughput_steps": 5,
@@ -85,17 +88,17 @@ SMOKE = {
     "peer_longterm_tokens": 2,
     "mqar": {
         "task": {"vocab_size": 64, "power_a": 0.01, "random_non_queries": True},
-        "train": {"seq_len": 32, "num_pairs": 4},
+        "train": [{"seq_len": 32, "num_pairs": 4, "tokens": 1.0}],
         "tests": [{"seq_len": 32, "num_pairs": 4, "n": 16}, {"seq_len": 64, "num_pairs": 8, "n": 8}],
         "batch_size": 8,
-        "max_examples": 32,
+        "max_tokens": 1024,
     },
     "passkey": {
         "task": {"key_len": 2, "filler": "repeat", "period": 8, "filler_vocab": 8},
-        "train": {"seq_len": 48},
+        "train": [{"seq_len": 16, "tokens": 0.5}, {"seq_len": 48, "tokens": 0.5}],
         "tests": [{"seq_len": 48, "n": 8}, {"seq_len": 96, "n": 4}],
         "batch_size": 8,
-        "max_examples": 32,
+        "max_tokens": 1536,
     },
     "decode": {"lengths": [48, 96], "steps": 4, "warmup": 1},
     "throughput_steps": 2,
@@ -315,9 +318,10 @@ def run_task(
     def make_task(extra: dict[str, Any]) -> tasks.Task:
         return tasks.build(kind, **tcfg["task"], **extra)
 
-    train_task = make_task(tcfg["train"])
-    vocab = train_task.vocab_size
-    seq_len = tcfg["train"]["seq_len"]
+    sets = tcfg["train"]
+    shape = {k: v for k, v in max(sets, key=lambda t: t["seq_len"]).items() if k != "tokens"}
+    vocab = make_task(shape).vocab_size
+    seq_len = shape["seq_len"]
     speeds: dict[str, float] = {}
     for name, factory in models.items():
         seed_everything(0)
@@ -333,23 +337,26 @@ def run_task(
         if tps:
             speeds[name] = tps
         del model
-    # The optimizer and evaluation cost on top of forward + backward: budget 70% for the steps.
+    # Token budget from the slower model at the longest train shape; the optimizer and the
+    # evaluation cost on top of forward + backward, so 70% of the time goes to the steps.
     slowest = min(speeds.values()) if speeds else 0.0
-    n_train = int(
-        min(tcfg["max_examples"], max(tcfg["batch_size"], 0.7 * train_budget_s * slowest / seq_len))
-    )
-    out["num_train_examples"] = n_train
+    budget = min(tcfg["max_tokens"], 0.7 * train_budget_s * slowest)
+    train_data = []
+    for j, spec in enumerate(sets):
+        extra = {k: v for k, v in spec.items() if k != "tokens"}
+        n = max(tcfg["batch_size"], int(budget * spec["tokens"] / spec["seq_len"]))
+        train_data.append(make_task(extra).make(n, seed=2 * j))  # even seeds for training
+    out["train_sets"] = [{"seq_len": d.seq_len, "num_examples": len(d)} for d in train_data]
     print(
-        f"{kind}: training on {n_train} sequences of {seq_len} tokens (slowest {slowest:,.0f} tok/s)",
+        f"{kind}: training on {out['train_sets']} (slowest {slowest:,.0f} tok/s at {seq_len} tokens)",
         flush=True,
     )
-    train_data = train_task.make(n_train, seed=0)
     tests = {}
     for j, t in enumerate(tcfg["tests"]):
         extra = {k: v for k, v in t.items() if k != "n"}
         name = " ".join(f"{k}={v}" for k, v in extra.items())
         task = make_task(extra)
-        tests[name] = (task, task.make(t["n"], seed=1 + 2 * j))  # odd seeds: never the train seed
+        tests[name] = (task, task.make(t["n"], seed=1 + 2 * j))  # odd seeds: never a train seed
     trained: dict[str, nn.Module] = {}
     for name, factory in models.items():
         seed_everything(0)
@@ -360,7 +367,7 @@ def run_task(
             lr=cfg["lr"], epochs=1, batch_size=tcfg["batch_size"], warmup_steps=20, seed=0, progress=False
         )
         res = attempt(
-            mres, "train", lambda model=model, tc=tc: train(model, [train_data], {}, tc, device), device
+            mres, "train", lambda model=model, tc=tc: train(model, train_data, {}, tc, device), device
         )
         if res is None:
             continue
@@ -372,7 +379,7 @@ def run_task(
             "peak_memory_bytes": res.peak_memory_bytes,
         }
         for tname, (task, data) in tests.items():
-            batch = max(1, tcfg["batch_size"] * seq_len // data.seq_len)
+            batch = max(1, tcfg["batch_size"] * seq_len // data.seq_len)  # same tokens per batch
             if kind == "passkey":
                 attempt(
                     mres,
