@@ -658,7 +658,10 @@ class KVCache(Cache):
         if not layer.is_initialized:
             return 0
         elt = torch.empty((), dtype=layer.dtype).element_size()
-        return 2 * self.n_layers * layer.batch_size * layer.columns * self.n_kv_heads * self.head_dim * elt
+        # Input filters (GemFilter) drop prompt columns before the model sees them; the full
+        # cache they are compared with holds those columns too.
+        columns = layer.columns + self.state.get("filtered_columns", 0)
+        return 2 * self.n_layers * layer.batch_size * columns * self.n_kv_heads * self.head_dim * elt
 
     def kept_tokens(self) -> torch.Tensor:
         """(n_layers, B, Hkv) int64: rows held per layer, sequence and KV head."""

@@ -147,4 +147,5 @@ class GemFilter(Policy):
             columns[i, k - n :] = cols.cpu()
         # Which input columns were kept (-1 for padding), for reports and tests.
         cache.state["gemfilter_columns"] = columns
+        cache.state["filtered_columns"] = t - k
         return out, (out_mask if bool((out_mask == 0).any()) else None), question_ids
