@@ -67,6 +67,18 @@ def test_grid_expansion(tmp_path) -> None:
     assert "feature_dim=4" in next(s.name for s in specs if s.config["label"] == "linear")
 
 
+def test_a_mixer_row_can_change_train_options(tmp_path) -> None:
+    specs, _ = expand(tmp_path, mixer_extra="train = { epochs = 3, target_accuracy = 0.9 }")
+    att = [s.config["train"] for s in specs if s.config["mixer"] == "attention"]
+    lin = [s.config["train"] for s in specs if s.config["label"] == "linear"]
+    assert att[0] == {"epochs": 3, "batch_size": 16, "target_accuracy": 0.9}
+    assert lin[0] == {"epochs": 1, "batch_size": 16}
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) \['lr'\] in tiny.toml \[mqar\] mixers\[0\] train"
+    ):
+        expand(tmp_path, mixer_extra="train = { lr = 0.1 }")
+
+
 def test_section_sweep_and_seed_axes(tmp_path) -> None:
     specs, _ = expand(tmp_path, extra="seed = [0, 1]\nsweep = { task_options.power_a = [0.01, 1.0] }")
     att = [s.config for s in specs if s.config["mixer"] == "attention"]

@@ -29,6 +29,7 @@ Suite section (TOML)::
     sweep = { window = [16, 32] }    # optional mixer-option axes
     d_model = [64]            # optional: replaces the section's d_model axis for this mixer
     lr = [1e-3]               # optional: replaces the section's lr axis
+    train = { epochs = 4 }    # optional: TrainConfig fields over the section's (a slow mixer's budget)
     optional = true           # skip (with a note) when the mixer is not registered
 """
 
@@ -85,7 +86,7 @@ SECTION_KEYS = {
     "sweep",
     "mixers",
 }
-MIXER_KEYS = {"name", "label", "options", "sweep", "d_model", "lr", "optional"}
+MIXER_KEYS = {"name", "label", "options", "sweep", "d_model", "lr", "train", "optional"}
 # The runner owns these TrainConfig fields: lr and seed are grid axes, progress follows the CLI,
 # and benchmark runs keep no checkpoints.
 _TRAIN_RESERVED = {"lr", "seed", "progress", "checkpoint"}
@@ -138,8 +139,6 @@ class MQARJob(Job):
         train_opts = dict(table.get("train", {}))
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - _TRAIN_RESERVED
         check_keys(train_opts, train_fields, f"{where} train")
-        if overrides.epochs is not None:
-            train_opts["epochs"] = overrides.epochs
         train_sets = self._sets(table["train_sets"], f"{where} train_sets", overrides)
         test_sets = self._sets(table["test_sets"], f"{where} test_sets", overrides)
         names = [set_name(s) for s in test_sets]
@@ -188,6 +187,11 @@ class MQARJob(Job):
             mixer_axes = flatten_axes(entry.get("sweep", {}), f"{ewhere} sweep")
             e_dm = as_axis(entry.get("d_model", d_models), f"{ewhere} d_model")
             e_lr = as_axis(entry.get("lr", lrs), f"{ewhere} lr")
+            e_train = entry.get("train", {})
+            check_keys(e_train, train_fields, f"{ewhere} train")
+            e_train = {**train_opts, **e_train}
+            if overrides.epochs is not None:
+                e_train["epochs"] = overrides.epochs
             for d_model in e_dm:
                 for m_combo in grid(mixer_axes):
                     mixer_options = {**options, **m_combo}
@@ -206,7 +210,7 @@ class MQARJob(Job):
                                     lr=lr,
                                     task=task,
                                     task_options=task_options,
-                                    train_opts=train_opts,
+                                    train_opts=e_train,
                                     train_sets=train_sets,
                                     test_sets=test_sets,
                                     table=table,
