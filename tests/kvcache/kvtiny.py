@@ -40,3 +40,26 @@ def tiny_model(kind: str = "llama", *, layers: int = 2, heads: int = 4, kv_heads
 def random_ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (b, t), generator=g)
+
+
+WORDS = (
+    "[UNK] <s> </s> 0 1 2 3 4 5 6 7 8 9 . , ? ! The the grass is green sky blue sun yellow Here we go "
+    "There and back again secret code codes for vault locker safe What are all One of Below a long text "
+    "Somewhere in it Read carefully you will be asked pass key Remember"
+).split()
+
+
+def tiny_checkpoint(path, kind: str = "llama", layers: int = 2) -> None:
+    """Save a tiny random model with a word-level tokenizer as a local Hugging Face checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.save_pretrained(path)
+    model = tiny_model(kind, layers=layers).float()
+    model.config.attn_implementation = "sdpa"
+    model.save_pretrained(path)
