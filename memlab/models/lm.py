@@ -28,8 +28,14 @@ class LMConfig:
     mlp_ratio: int = 4
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    # Kernel of a short causal depthwise convolution sub-layer before each mixer (0: none). It
+    # is zoology's "hybrid" short conv: it hands every mixer the previous tokens, so recall is
+    # not gated on first learning a previous-token head. Applied to every mixer alike.
+    short_conv: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.short_conv, int) or self.short_conv < 0:
+            raise ValueError(f"LMConfig.short_conv must be an int >= 0, got {self.short_conv!r}")
         for name in ("vocab_size", "d_model", "mlp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -41,10 +47,31 @@ class LMConfig:
                 raise ValueError(f"LMConfig.layers[{i}] must be a dict with a 'mixer' key, got {spec!r}")
 
 
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time; its state is the last ``kernel - 1`` inputs."""
+
+    def __init__(self, d_model: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D), tail: (B, kernel - 1, D) or None -> y: (B, T, D), new tail."""
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
+        full = torch.cat([tail, x], dim=1)  # (B, kernel - 1 + T, D)
+        y = self.conv(full.transpose(1, 2)).transpose(1, 2)
+        return y, full[:, full.shape[1] - (self.kernel - 1) :]
+
+
 class Block(nn.Module):
     def __init__(self, config: LMConfig, spec: dict[str, Any]) -> None:
         super().__init__()
         options = {k: v for k, v in spec.items() if k != "mixer"}
+        self.short_conv: ShortConv | None = None
+        if config.short_conv:
+            self.norm0 = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+            self.short_conv = ShortConv(config.d_model, config.short_conv)
         self.norm1 = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = mixers.build(spec["mixer"], d_model=config.d_model, **options)
         self.mlp: nn.Module | None = None
@@ -56,11 +83,26 @@ class Block(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        h, state = self.mixer(self.norm1(x), state=state)
+        if self.short_conv is None:
+            h, state = self.mixer(self.norm1(x), state=state)
+        else:
+            # The layer state holds the conv tail beside the mixer's own state.
+            c, tail = self.short_conv(self.norm0(x), None if state is None else state["conv"])
+            x = x + c
+            h, inner = self.mixer(self.norm1(x), state=None if state is None else state["mixer"])
+            state = {"conv": tail, "mixer": inner}
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
         return x, state
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        inner = self.mixer.init_state(batch_size, device, dtype)
+        if self.short_conv is None:
+            return inner
+        d = self.mixer.d_model
+        tail = torch.zeros(batch_size, self.short_conv.kernel - 1, d, device=device, dtype=dtype)
+        return {"conv": tail, "mixer": inner}
 
 
 class LM(nn.Module):
@@ -79,14 +121,28 @@ class LM(nn.Module):
 
     @classmethod
     def from_mixer(
-        cls, mixer: str, *, vocab_size: int, d_model: int, n_layers: int = 2, **options: Any
+        cls,
+        mixer: str,
+        *,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int = 2,
+        short_conv: int = 0,
+        mixer_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> LM:
-        """The same mixer in every layer (the zoology MQAR model is 2 such layers)."""
-        layers = [{"mixer": mixer, **options} for _ in range(n_layers)]
-        return cls(LMConfig(vocab_size=vocab_size, d_model=d_model, layers=layers))
+        """The same mixer in every layer (the zoology MQAR model is 2 such layers).
+
+        Mixer options go in ``mixer_options`` when one is named like an argument here (MemMamba
+        has its own ``n_layers``), or as keywords otherwise.
+        """
+        layers = [{"mixer": mixer, **(mixer_options or {}), **options} for _ in range(n_layers)]
+        return cls(
+            LMConfig(vocab_size=vocab_size, d_model=d_model, layers=layers, short_conv=short_conv)
+        )
 
     def init_states(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> list[State]:
-        return [b.mixer.init_state(batch_size, device, dtype) for b in self.blocks]
+        return [b.init_state(batch_size, device, dtype) for b in self.blocks]
 
     def forward(
         self, ids: torch.Tensor, *, states: list[State] | None = None

@@ -32,3 +32,30 @@ def test_tied_embeddings_and_errors() -> None:
         model(torch.randn(2, 3))
     with pytest.raises(ValueError, match="unknown mixer"):
         LM.from_mixer("nope", vocab_size=20, d_model=16)
+
+
+def test_short_conv_decode_matches_forward_and_is_causal() -> None:
+    torch.manual_seed(0)
+    model = LM(
+        LMConfig(vocab_size=30, d_model=16, layers=[{"mixer": "linear_attention", "n_heads": 2}] * 2,
+                 short_conv=4)
+    ).double().eval()
+    ids = torch.randint(0, 30, (2, 9))
+    full, _ = model(ids)
+    states = model.init_states(2, "cpu", torch.float64)
+    steps = []
+    for t in range(9):
+        out, states = model(ids[:, t : t + 1], states=states)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
+    ids2 = ids.clone()
+    ids2[:, 5] = (ids2[:, 5] + 1) % 30
+    changed, _ = model(ids2)
+    torch.testing.assert_close(changed[:, :5], full[:, :5], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="short_conv"):
+        LMConfig(vocab_size=10, d_model=8, layers=[{"mixer": "attention"}], short_conv=-1)
+
+
+def test_mixer_options_may_share_a_name_with_lm_arguments() -> None:
+    model = LM.from_mixer("memmamba", vocab_size=20, d_model=16, n_layers=1, mixer_options={"n_layers": 1})
+    assert len(model.blocks) == 1 and model.blocks[0].mixer.config.n_layers == 1

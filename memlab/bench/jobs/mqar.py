@@ -76,6 +76,7 @@ SECTION_KEYS = {
     "job",
     "seed",
     "n_layers",
+    "short_conv",
     "d_model",
     "lr",
     "task",
@@ -285,6 +286,7 @@ class MQARJob(Job):
             "mixer_options": mixer_options,
             "d_model": d_model,
             "n_layers": n_layers,
+            **({"short_conv": table["short_conv"]} if table.get("short_conv") else {}),
             "lr": float(lr),
             "seed": seed,
             "task": task,
@@ -338,7 +340,8 @@ class MQARJob(Job):
             vocab_size=vocab,
             d_model=config["d_model"],
             n_layers=config["n_layers"],
-            **config["mixer_options"],
+            short_conv=config.get("short_conv", 0),
+            mixer_options=config["mixer_options"],
         )
         tc = TrainConfig(lr=config["lr"], seed=config["seed"], progress=ctx.progress, **config["train"])
         result = train(model, train_sets, dict(zip(test_names, test_data, strict=True)), tc, ctx.device)
