@@ -318,7 +318,9 @@ class AssocMemory(nn.Module):
         """Read the memory: x (B, H, N, D) -> M(x) (B, H, N, D)."""
         return mlp_forward(ws, x, self.residual_norm, self.ln_eps)[0]
 
-    def loss(self, ws: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None):
+    def loss(
+        self, ws: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None
+    ) -> torch.Tensor:
         """Per-token attentional-bias loss (B, H, N) of the pairs (k, v) under weights ws."""
         return self.bias.loss(self.evaluate(ws, k) - v, extra)
 
@@ -455,7 +457,9 @@ class AssocMemoryConfig(MixerConfig):
     chunk_size: int = 64  # tokens per memory update (the grid is absolute)
     mem_depth: int = 2  # MLP layers in the memory
     mem_expansion: int = 4  # hidden width = mem_expansion * head_dim
-    mem_residual_norm: bool = True  # memory is x + LN(MLP(x)); False with depth 1 is linear
+    # True: the memory is x + LN(MLP(x)) (the TTT / titans-pytorch block). Off by default: on a
+    # small CPU MQAR probe the plain MLP learned recall (Yaad 0.44) where the LN form did not (0.04).
+    mem_residual_norm: bool = False
     conv_size: int = 4  # causal depthwise conv on q, k, v; 0 or 1 disables it
     # The data-dependent step theta_t lies in (0, lr_max). A chunk sums up to chunk_size gradients
     # taken at the same weights, so the stable step shrinks with the chunk: 0.1 keeps the linear

@@ -227,7 +227,9 @@ class TitansMAG(_WindowTitans):
         reads, st = self.memory.scan(x, st)
         m = self.mem_out(merge_heads(reads))
         y, st = self._attend(x, st)
-        o = F.rms_norm(y, d, self.norm_y) * torch.sigmoid(F.rms_norm(m, d, self.norm_m))
+        o = F.rms_norm(y, d, self.norm_y.to(y.dtype)) * torch.sigmoid(
+            F.rms_norm(m, d, self.norm_m.to(m.dtype))
+        )
         return self.out(o), st
 
 

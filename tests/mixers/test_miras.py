@@ -216,24 +216,28 @@ def test_chunk_update_equals_sequential_reference(name: str) -> None:
         assert (fast[n] - st[n]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_memory_learns_at_test_time(name: str) -> None:
-    """Writing pairs makes M(k_i) closer to v_i: the model's attentional-bias loss drops."""
+@pytest.mark.parametrize(("name", "step"), [("moneta", 0.3), ("yaad", 0.3), ("memora", 10.0)])
+def test_memory_learns_at_test_time(name: str, step: float) -> None:
+    """Writing pairs makes M(k_i) closer to v_i: the model's attentional-bias loss drops.
+
+    16 pairs, written 4 times over in chunks of 4 (test-time training, keep gate 1). Memora's step
+    is larger because it moves log-weights, not weights.
+    """
     core = build(name).memory.core
     torch.manual_seed(8)
     k = torch.nn.functional.normalize(torch.randn(1, 4, 16, 8, dtype=DT), dim=-1)
-    v = k + torch.nn.functional.layer_norm(torch.randn(1, 4, 16, 8, dtype=DT), (8,))
+    v = 0.3 * torch.randn(1, 4, 16, 8, dtype=DT)
     zero = torch.zeros(1, 4, 4, dtype=DT)
     extra = torch.full((1, 4, 4, 1), 2.0, dtype=DT) if isinstance(core.bias, HuberBias) else None
+    ex16 = None if extra is None else extra.repeat(1, 1, 4, 1)
     st = core.init_state(1)
     with torch.no_grad():
-        ex16 = None if extra is None else extra.repeat(1, 1, 4, 1)
         before = core.loss(core.weights(st), k, v, ex16)
-        for c in range(4):
-            sl = slice(4 * c, 4 * c + 4)
-            st = core.update(st, k[:, :, sl], v[:, :, sl], zero, zero + 0.05, extra=extra)
+        for c in range(16):
+            sl = slice(4 * (c % 4), 4 * (c % 4) + 4)
+            st = core.update(st, k[:, :, sl], v[:, :, sl], zero, zero + step, extra=extra)
         after = core.loss(core.weights(st), k, v, ex16)
-    assert after.mean() < 0.8 * before.mean(), (before.mean(), after.mean())
+    assert after.mean() < 0.85 * before.mean(), (before.mean(), after.mean())
     assert (after < before).double().mean() > 0.75
 
 
