@@ -50,8 +50,20 @@ from memlab.kvcache import KVCache, greedy, policies, prefill, run_prompt, teach
 from memlab.tasks.niah import HAYSTACKS, VARIANTS, Niah, NiahConfig, NiahSample, exact_match
 
 SECTION_KEYS = {
-    "job", "model", "variant", "haystack", "length", "mode", "samples", "seed", "max_new_tokens", "dtype",
-    "policies", "share_prefill", "loglik", "prefill_chunk",
+    "job",
+    "model",
+    "variant",
+    "haystack",
+    "length",
+    "mode",
+    "samples",
+    "seed",
+    "max_new_tokens",
+    "dtype",
+    "policies",
+    "share_prefill",
+    "loglik",
+    "prefill_chunk",
 }
 MODES = ("agnostic", "aware")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +99,7 @@ def spec_key(spec: dict[str, Any]) -> str:
     budget = spec["budget"]
     if not budget:
         return spec["label"]
-    (k, v), = budget.items()
+    ((k, v),) = budget.items()
     return f"{spec['label']}@{format_value(v)}" if k == "ratio" else f"{spec['label']}@{v}tok"
 
 
@@ -112,13 +124,21 @@ def evaluate(
     share_prefill: bool = True,
     loglik: bool = True,
     prefill_chunk: int | None = None,
+    batch_size: int = 1,
     log: Any = None,
 ) -> list[dict[str, Any]]:
-    """Every spec on every sample (batch 1). Returns one row per (sample, spec)."""
+    """Every spec on every sample. Returns one row per (sample, spec).
+
+    Samples run in batches of up to ``batch_size`` that share question and answer lengths
+    (contexts are left-padded), so a batch is exactly the samples run alone.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     built = []
     for spec in specs:
         try:
@@ -129,52 +149,81 @@ def evaluate(
     share = share_prefill and prefill_chunk is None and bool(forkable)
     window = max([p.query_window() for p in forkable] + [0])
     mass = any(p.needs_mass for p in forkable)
-    rows = []
-    for si, s in enumerate(samples):
-        ctx = s.context_ids[None].to(device)
-        question = s.question_ids[None].to(device)
-        answer = s.answer_ids[None].to(device)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[(len(s.question_ids), len(s.answer_ids))].append(i)
+    batches = [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        bs = [samples[i] for i in batch]
+        tc = max(len(s.context_ids) for s in bs)
+        ctx = torch.full((len(bs), tc), pad, dtype=torch.long)
+        mask = torch.zeros(len(bs), tc, dtype=torch.long)
+        for r, s in enumerate(bs):
+            ctx[r, tc - len(s.context_ids) :] = s.context_ids
+            mask[r, tc - len(s.context_ids) :] = 1
+        ctx, mask = ctx.to(device), mask.to(device)
+        padded = bool((mask == 0).any())
+        question = torch.stack([s.question_ids for s in bs]).to(device)
+        answer = torch.stack([s.answer_ids for s in bs]).to(device)
+        prompt_tokens = mask.sum(dim=1) + question.shape[1]  # (B,) real prompt tokens
         base = base_logits = None
         t_base = 0.0
         if share:
             t0 = time.perf_counter()
             observe = policies.build("full", observe_window=window, observe_mass=mass)
             base = KVCache(model.config, policy=observe)
-            ids = ctx if mode == "agnostic" else torch.cat([ctx, question], dim=1)
-            base_logits = prefill(model, ids, base)
+            if mode == "agnostic":
+                base_logits = prefill(model, ctx, base, attention_mask=mask if padded else None)
+            else:
+                ids = torch.cat([ctx, question], dim=1)
+                full_mask = torch.cat([mask, torch.ones_like(question)], dim=1)
+                base_logits = prefill(model, ids, base, attention_mask=full_mask if padded else None)
             t_base = time.perf_counter() - t0
 
-        def prompt(policy: policies.Policy, ctx=ctx, question=question, base=base, logits0=base_logits):
+        def prompt(policy: policies.Policy, ctx=ctx, mask=mask, question=question, base=base,
+                   logits0=base_logits, padded=padded):
             shared = base if share else None
-            return _prompt(model, policy, mode, ctx, question, shared, logits0, prefill_chunk)
+            return _prompt(model, policy, mode, ctx, mask if padded else None, question, shared, logits0,
+                           prefill_chunk)
 
         for spec, policy in built:
-            row: dict[str, Any] = {"sample": si, "key": spec_key(spec), "label": spec["label"],
-                                   "policy": spec["name"], **spec["budget"], "mode": mode}
+            heads = [{"sample": samples_index, "key": spec_key(spec), "label": spec["label"],
+                      "policy": spec["name"], **spec["budget"], "mode": mode} for samples_index in batch]
             if isinstance(policy, ValueError):
-                row["error"] = str(policy)
-                rows.append(row)
+                for h in heads:
+                    h["error"] = str(policy)
+                rows.extend(heads)
                 continue
             t0 = time.perf_counter()
             cache, logits = prompt(policy)
-            row["prompt_s"] = time.perf_counter() - t0 + (t_base if share else 0.0)
-            row["kv_bytes"] = cache.nbytes()
-            row["full_kv_bytes"] = cache.full_nbytes()
-            row["kv_fraction"] = row["kv_bytes"] / max(row["full_kv_bytes"], 1)
+            prompt_s = time.perf_counter() - t0 + (t_base if share else 0.0)
+            kept = cache.kept_tokens().sum(dim=(0, 2)).double()  # (B,) rows over layers and heads
+            full_rows = (prompt_tokens.cpu().double() * cache.n_layers * cache.n_kv_heads)
             t0 = time.perf_counter()
             out = greedy(model, cache, logits, max_new_tokens=max_new_tokens, eos_token_id=eos)
-            row["decode_s"] = time.perf_counter() - t0
-            text = tokenizer.decode(out[0], skip_special_tokens=True)
-            row["answer"] = text.strip()[:80]
-            row["em"] = float(exact_match(text, s))
-            row["attended_ratio"] = cache.attended_ratio()
+            decode_s = time.perf_counter() - t0
+            ll = None
             if loglik:
                 cache2, logits2 = prompt(policy)
-                row["loglik"] = float(teacher_force(model, cache2, logits2, answer)[0])
-            rows.append(row)
-            if log is not None:
-                log(f"  sample {si} {row['key']}: em={row['em']:.0f} kv={row['kv_fraction']:.2f} "
-                    f"{row['answer']!r}")
+                ll = teacher_force(model, cache2, logits2, answer).tolist()
+            for r, (h, s) in enumerate(zip(heads, bs, strict=True)):
+                text = tokenizer.decode(out[r], skip_special_tokens=True)
+                h.update(
+                    answer=text.strip()[:80],
+                    em=float(exact_match(text, s)),
+                    kv_fraction=float(kept[r] / full_rows[r]),
+                    kv_bytes_batch=cache.nbytes(),
+                    attended_ratio=cache.attended_ratio(),
+                    prompt_s=prompt_s / len(bs),
+                    decode_s=decode_s / len(bs),
+                )
+                if ll is not None:
+                    h["loglik"] = float(ll[r])
+                if log is not None:
+                    log(f"  sample {h['sample']} {h['key']}: em={h['em']:.0f} kv={h['kv_fraction']:.2f} "
+                        f"{h['answer']!r}")
+            rows.extend(heads)
     return rows
 
 
@@ -183,6 +232,7 @@ def _prompt(
     policy: policies.Policy,
     mode: str,
     ctx: torch.Tensor,
+    mask: torch.Tensor | None,
     question: torch.Tensor,
     base: KVCache | None,
     base_logits: torch.Tensor | None,
@@ -197,7 +247,7 @@ def _prompt(
             return cache, prefill(model, question, cache)
         return cache, base_logits
     cache = KVCache(model.config, policy=policy, prefill_chunk=prefill_chunk)
-    return cache, run_prompt(model, ctx, cache, question_ids=question)
+    return cache, run_prompt(model, ctx, cache, attention_mask=mask, question_ids=question)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -214,7 +264,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 entry[b] = rs[0][b]
         if not ok:
             entry["error"] = rs[0].get("error", "")
-        for m in ("em", "loglik", "kv_fraction", "kv_bytes", "attended_ratio", "prompt_s", "decode_s"):
+        for m in ("em", "loglik", "kv_fraction", "attended_ratio", "prompt_s", "decode_s"):
             vals = [r[m] for r in ok if m in r]
             if vals:
                 entry[m] = statistics.fmean(vals)
@@ -263,6 +313,7 @@ class KVNiahJob(Job):
             "share_prefill": bool(table.get("share_prefill", True)),
             "loglik": bool(table.get("loglik", True)),
             "prefill_chunk": table.get("prefill_chunk"),
+            "batch_size": table.get("batch_size", 1),
             "policies": specs,
         }
         for name in ("samples", "max_new_tokens"):
@@ -273,21 +324,37 @@ class KVNiahJob(Job):
         return [{**cell, **base} for cell in grid(axes)]
 
     def describe(self, config: dict[str, Any]) -> str:
-        return (f"{config['model']} {config['variant']}/{config['haystack']} L={config['length']} "
-                f"{config['mode']}")
+        return (
+            f"{config['model']} {config['variant']}/{config['haystack']} L={config['length']} "
+            f"{config['mode']}"
+        )
 
     def run(self, config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         from memlab.models.pretrained import load
 
         model, tok = load(config["model"], dtype=DTYPES[config["dtype"]], device=ctx.device)
-        task = Niah(NiahConfig(variant=config["variant"], haystack=config["haystack"],
-                               length=config["length"], tokenizer=config["model"]))
+        task = Niah(
+            NiahConfig(
+                variant=config["variant"],
+                haystack=config["haystack"],
+                length=config["length"],
+                tokenizer=config["model"],
+            )
+        )
         samples = task.samples(tok, config["samples"], config["seed"])
-        rows = evaluate(model, tok, samples, config["policies"], model_name=config["model"],
-                        mode=config["mode"], max_new_tokens=config["max_new_tokens"],
-                        share_prefill=config["share_prefill"],
-                        loglik=config["loglik"], prefill_chunk=config["prefill_chunk"],
-                        log=ctx.log if ctx.progress else None)
+        rows = evaluate(
+            model,
+            tok,
+            samples,
+            config["policies"],
+            model_name=config["model"],
+            mode=config["mode"],
+            max_new_tokens=config["max_new_tokens"],
+            share_prefill=config["share_prefill"],
+            loglik=config["loglik"],
+            prefill_chunk=config["prefill_chunk"],
+            log=ctx.log if ctx.progress else None,
+        )
         agg = aggregate(rows)
         metrics: dict[str, Any] = {"policies": agg, "haystack_source": samples[0].meta["haystack_source"]}
         full = next((v for v in agg.values() if v["policy"] == "full"), None)
@@ -301,12 +368,23 @@ class KVNiahJob(Job):
             if r.status != "done":
                 continue
             for key, m in (r.metrics or {}).get("policies", {}).items():
-                rows.append([r.name, key, format_value(m.get("em")), format_value(m.get("loglik")),
-                             format_value(m.get("kv_fraction")), format_value(m.get("attended_ratio")),
-                             m.get("error", "")[:60]])
+                rows.append(
+                    [
+                        r.name,
+                        key,
+                        format_value(m.get("em")),
+                        format_value(m.get("loglik")),
+                        format_value(m.get("kv_fraction")),
+                        format_value(m.get("attended_ratio")),
+                        m.get("error", "")[:60],
+                    ]
+                )
         columns = ["run", "policy@budget", "exact match", "log-lik", "KV fraction", "read fraction", "note"]
-        return Table(title="kv_niah: exact match, answer log-likelihood, KV held (fraction of full)",
-                     columns=columns, rows=rows)
+        return Table(
+            title="kv_niah: exact match, answer log-likelihood, KV held (fraction of full)",
+            columns=columns,
+            rows=rows,
+        )
 
     def report(self, records: list[RunRecord], out_dir: Path, prefix: str) -> list[ReportSection]:
         done = [r for r in records if r.status == "done"]
@@ -319,18 +397,39 @@ class KVNiahJob(Job):
                     xs, ys = series[m["label"]]
                     xs.append(m["kv_fraction"])
                     ys.append(m["em"])
-            panel_series = [Series(key=k, x=[x for x, _ in sorted(zip(*v, strict=True))],
-                                   y=[y for _, y in sorted(zip(*v, strict=True))], label=k)
-                            for k, v in sorted(series.items())]
+            panel_series = [
+                Series(
+                    key=k,
+                    x=[x for x, _ in sorted(zip(*v, strict=True))],
+                    y=[y for _, y in sorted(zip(*v, strict=True))],
+                    label=k,
+                )
+                for k, v in sorted(series.items())
+            ]
             if panel_series:
-                panels.append(Panel(title=r.name, xlabel="KV bytes held / full", ylabel="exact match",
-                                    series=panel_series, ylim=(-0.05, 1.05)))
+                panels.append(
+                    Panel(
+                        title=r.name,
+                        xlabel="KV bytes held / full",
+                        ylabel="exact match",
+                        series=panel_series,
+                        ylim=(-0.05, 1.05),
+                    )
+                )
         if panels:
             name = f"{prefix}kv_accuracy.png"
             save_panels(out_dir / name, panels, suptitle="Accuracy vs KV held")
             title = "Exact match vs KV bytes held (fraction of the full cache)"
             figures.append(Figure(path=name, title=title))
-        text = ("Mode `agnostic`: the context is compressed before the question arrives; `aware`: the "
-                "question is part of the compressed prefill. KV fraction is measured from the tensors held.")
-        return [ReportSection(title="KV-cache policies on needle prompts", text=text,
-                              tables=[self.summary(records)], figures=figures)]
+        text = (
+            "Mode `agnostic`: the context is compressed before the question arrives; `aware`: the "
+            "question is part of the compressed prefill. KV fraction is measured from the tensors held."
+        )
+        return [
+            ReportSection(
+                title="KV-cache policies on needle prompts",
+                text=text,
+                tables=[self.summary(records)],
+                figures=figures,
+            )
+        ]
