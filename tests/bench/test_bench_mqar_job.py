@@ -92,6 +92,17 @@ def test_section_sweep_and_seed_axes(tmp_path) -> None:
     assert all(c["axes"] == {"task_options.power_a": c["task_options"]["power_a"]} for c in att)
 
 
+def test_short_conv_is_in_the_config_only_when_used(tmp_path) -> None:
+    plain, _ = expand(tmp_path)
+    assert all("short_conv" not in s.config for s in plain)
+    conv, _ = expand(tmp_path, extra="short_conv = 3")
+    assert all(s.config["short_conv"] == 3 for s in conv)
+    swept, _ = expand(tmp_path, extra="sweep = { short_conv = [0, 4] }")
+    assert sorted({s.config.get("short_conv", 0) for s in swept}) == [0, 4]
+    with pytest.raises(ValueError, match="short_conv must be an int >= 0"):
+        expand(tmp_path, extra="short_conv = -1")
+
+
 def test_optional_unregistered_mixer_is_skipped_with_a_note(tmp_path) -> None:
     specs, notes = expand(tmp_path, more='\n[[mqar.mixers]]\nname = "not_a_mixer"\noptional = true\n')
     assert len(specs) == 8

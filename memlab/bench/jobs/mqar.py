@@ -14,6 +14,7 @@ Suite section (TOML)::
     job = "mqar"
     seed = 0                  # int or list (an axis)
     n_layers = 2
+    short_conv = 0            # kernel of the LM's short causal conv before each mixer (0: none)
     d_model = [64, 128]       # axis
     lr = [1e-3, 3e-3]         # axis
     task = "mqar"             # any registered task that makes TokenData
@@ -21,7 +22,7 @@ Suite section (TOML)::
     train = { epochs = 8, batch_size = 64 }          # TrainConfig fields except lr/seed
     train_sets = [ { seq_len = 64, num_pairs = 4, num_examples = 20000 } ]
     test_sets  = [ { seq_len = 64, num_pairs = 4, num_examples = 1000 } ]
-    sweep = { task_options.vocab_size = [256, 8192] }  # optional extra axes (task_options.*, train.*)
+    sweep = { task_options.vocab_size = [256, 8192] }  # axes: task_options.*, train.*, n_layers, short_conv
     [[mqar.mixers]]
     name = "based"            # a registered mixer
     label = "based"           # legend name (default: name); unique within the section
@@ -152,9 +153,10 @@ class MQARJob(Job):
         section_axes.update(flatten_axes(table.get("sweep", {}), f"{where} sweep"))
         for path in section_axes:
             head = path.split(".")[0]
-            if path != "seed" and head not in ("task_options", "train", "n_layers"):
+            if path != "seed" and head not in ("task_options", "train", "n_layers", "short_conv"):
                 raise ValueError(
-                    f"{where} sweep axis {path!r} must start with task_options., train. or be n_layers"
+                    f"{where} sweep axis {path!r} must start with task_options. or train., "
+                    "or be n_layers or short_conv"
                 )
             if head == "train" and path.split(".", 1)[1] in _TRAIN_RESERVED:
                 raise ValueError(f"{where} sweep axis {path!r}: lr and seed are axes of their own")
@@ -258,6 +260,7 @@ class MQARJob(Job):
         t_opts = dict(task_options)
         tr_opts = dict(train_opts)
         n_layers = table.get("n_layers", 2)
+        short_conv = table.get("short_conv", 0)
         for path, value in axes.items():
             head, _, rest = path.partition(".")
             if head == "task_options":
@@ -266,8 +269,12 @@ class MQARJob(Job):
                 tr_opts[rest] = value
             elif head == "n_layers":
                 n_layers = value
+            elif head == "short_conv":
+                short_conv = value
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"{where}: n_layers must be a positive int, got {n_layers!r}")
+        if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
+            raise ValueError(f"{where}: short_conv must be an int >= 0 (0: none), got {short_conv!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)):
             raise ValueError(f"{where}: lr must be a number, got {lr!r}")
         # Validate now so a typo fails before the first run, not hours into a sweep.
@@ -286,7 +293,8 @@ class MQARJob(Job):
             "mixer_options": mixer_options,
             "d_model": d_model,
             "n_layers": n_layers,
-            **({"short_conv": table["short_conv"]} if table.get("short_conv") else {}),
+            # Only when used, so the ids of runs without the conv stay what they were.
+            **({"short_conv": short_conv} if short_conv else {}),
             "lr": float(lr),
             "seed": seed,
             "task": task,
