@@ -244,18 +244,23 @@ def test_h2o_mass_is_accumulated_attention() -> None:
         torch.testing.assert_close(layer.groups[0].mass[0].T.double(), ref, atol=1e-5, rtol=0)
 
 
-def test_snapkv_keeps_the_window_votes() -> None:
+@pytest.mark.parametrize("pooling,kernel", [("avg", 5), ("max", 7)])
+def test_snapkv_keeps_the_window_votes(pooling: str, kernel: int) -> None:
     """The rows SnapKV keeps are the top-k of the observation window's pooled attention."""
     model = tiny_model("llama", layers=1)
     ids = random_ids(1, 40)
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         att = model(ids, output_attentions=True).attentions[0][0]  # (H, T, T)
-    votes = att[:, -8:, :].mean(dim=1)  # (H, T)
-    pooled = torch.nn.functional.avg_pool1d(votes[:, None], 5, 1, 2, count_include_pad=False)[:, 0]
+    votes = att[:, -8:, :].mean(dim=1)[:, None]  # (H, 1, T)
+    if pooling == "avg":
+        pooled = torch.nn.functional.avg_pool1d(votes, kernel, 1, kernel // 2, count_include_pad=False)[:, 0]
+    else:
+        pooled = torch.nn.functional.max_pool1d(votes, kernel, 1, kernel // 2)[:, 0]
     per_kv = pooled.view(2, 2, 40).mean(dim=1)  # (Hkv, T)
     per_kv[:, -8:] = float("inf")
-    cache = KVCache(model.config, policy=policies.build("snapkv", tokens=20, window=8))
+    policy = policies.build("snapkv", tokens=20, window=8, kernel=kernel, pooling=pooling)
+    cache = KVCache(model.config, policy=policy)
     prefill(model, ids, cache)
     g = cache.layers[0].groups[0]
     for h in range(2):

@@ -42,6 +42,9 @@ def pyramid_budgets(avg_extra: int, seen_extra: int, n_layers: int, beta: float)
 @register("pyramidkv")
 @dataclass(kw_only=True)
 class PyramidKV(SnapKV):
+    """Defaults of the PyramidKV authors' code: window 8, max pooling over 7, beta 20."""
+
+    window: int = 8
     beta: float = 20.0
 
     def __post_init__(self) -> None:

@@ -28,11 +28,16 @@ def window_scores(obs: Observation, kernel: int, pooling: str) -> torch.Tensor:
 @register("snapkv")
 @dataclass(kw_only=True)
 class SnapKV(Policy):
-    """Observation ``window`` (always kept), pooling ``kernel`` and mode ("avg" or "max")."""
+    """Observation ``window`` (always kept), pooling ``kernel`` and mode ("avg" or "max").
+
+    Defaults follow SnapKV's long-context experiments: window 32, max pooling over 7 tokens.
+    (kvpress uses window 64 and average pooling over 5; ``window=64, kernel=5, pooling="avg"``
+    reproduces it.)
+    """
 
     window: int = 32
-    kernel: int = 5
-    pooling: str = "avg"
+    kernel: int = 7
+    pooling: str = "max"
     needs_queries = True
 
     def __post_init__(self) -> None:
