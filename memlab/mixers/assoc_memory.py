@@ -6,11 +6,13 @@ key/value pair by one step of online optimisation of an attentional-bias objecti
 
 - memory architecture: ``mlp_forward`` (``depth`` layers, GELU, optional ``x + LN(MLP(x))``);
 - attentional bias: ``LpBias`` (``||e||_p^p``; p=2 is Titans' ``||M(k) - v||^2``), ``HuberBias`` (Yaad);
-- retention: ``DecayRetention`` (Titans / Yaad weight decay), ``LqRetention`` (Moneta's
-  ``W = A / ||A||_q^(q-2)``), ``KLRetention`` (Memora: weights on the probability simplex, updated
-  by a softmax of the retained log-weights);
+- retention: ``DecayRetention`` (Titans / Yaad weight decay), ``LqRetention`` (Moneta's l_q
+  stability, W the mirror map of the accumulator), ``KLRetention`` (Memora: weights on the
+  probability simplex, updated by a softmax of the retained log-weights);
 - learning algorithm: gradient descent with a data-dependent step, optionally with momentum
-  (Titans' "surprise" ``S_t = eta_t S_{t-1} - theta_t grad``).
+  (Titans' "surprise" ``S_t = eta_t S_{t-1} - theta_t grad``). Each token's gradient can be
+  soft-clipped in norm (``max_grad_norm``, as titans-pytorch offers), which keeps the inner
+  optimisation bounded while the outer loop trains.
 
 Every retention rule is linear in an *accumulator* ``A`` from which the weights are read:
 ``A_t = a_t A_{t-1} + S_t`` (``a_t`` the keep gate), ``W_t = f(A_t)``. For Memora this holds
@@ -140,20 +142,38 @@ class DecayRetention(Retention):
 
 
 class LqRetention(Retention):
-    """Moneta's l_q memory stability: ``W = A / ||A||_q^(q-2)`` per layer matrix (q=2: plain A)."""
+    """Moneta's l_q memory stability: the retention ``1/2 ||W||_q^2`` in the FTRL form.
+
+    The accumulator A sums the (decayed) gradient steps and the weights are the mirror map of
+    the regulariser's conjugate ``1/2 ||A||_p^2`` (``p = q / (q - 1)``):
+    ``W = sign(A) |A|^(p-1) / ||A||_p^(p-2)``, elementwise powers, one norm per layer matrix.
+    q = 2 gives W = A (plain weight decay); q > 2 compresses large entries. The map is
+    homogeneous of degree 1, so a decaying A shrinks W. (Miras writes the normalisation as
+    ``A / ||A||^(q-2)``; that form is singular as A decays to 0, and blew up in training.)
+    ``|A|^(p-2)`` is smoothed as ``(A^2 + eps)^((p-2)/2)`` so that its slope stays finite at 0.
+    """
 
     name = "lq"
 
-    def __init__(self, q: float = 4.0, eps: float = 1e-12) -> None:
+    def __init__(self, q: float = 4.0, eps: float = 1e-6) -> None:
         if not q > 1:
             raise ValueError(f"LqRetention: q must be > 1, got {q!r}")
-        self.q, self.eps = float(q), float(eps)
+        self.q, self.p, self.eps = float(q), float(q) / (float(q) - 1.0), float(eps)
 
     def weights(self, acc: torch.Tensor) -> torch.Tensor:
         if self.q == 2:
             return acc
-        norm = torch.linalg.vector_norm(acc, ord=self.q, dim=(-2, -1), keepdim=True)
-        return acc / norm.clamp_min(self.eps).pow(self.q - 2)
+        p = self.p
+        norm = torch.linalg.vector_norm(acc, ord=p, dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+        return acc * (acc * acc + self.eps).pow((p - 2) / 2) * norm.pow(2 - p)
+
+    def init_accumulator(self, w0: torch.Tensor) -> torch.Tensor:
+        # the gradient of 1/2 ||W||_q^2 at w0, the inverse of ``weights``: the memory starts at w0
+        if self.q == 2:
+            return w0
+        q = self.q
+        norm = torch.linalg.vector_norm(w0, ord=q, dim=(-2, -1), keepdim=True)
+        return torch.sign(w0) * w0.abs().pow(q - 1) * norm.pow(2 - q)
 
 
 class KLRetention(Retention):
@@ -266,6 +286,16 @@ def weighted_grads(
     return out
 
 
+def soft_clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Factor that maps a gradient of norm ``norm`` to norm ``max_norm * tanh(norm / max_norm)``.
+
+    Smooth, close to 1 for small gradients, and never lets one token move the memory by more
+    than ``max_norm`` times its step.
+    """
+    norm = norm.clamp_min(1e-12)
+    return max_norm * torch.tanh(norm / max_norm) / norm
+
+
 # ---------------------------------------------------------------------------------------------
 # The core: learned initial memory + one chunk's update in closed form.
 
@@ -288,10 +318,12 @@ class AssocMemory(nn.Module):
         bias: AttentionalBias,
         retention: Retention,
         momentum: bool,
+        max_grad_norm: float | None = None,
         ln_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.n_heads, self.dim, self.depth = n_heads, dim, depth
+        self.max_grad_norm = max_grad_norm
         self.residual_norm, self.momentum, self.ln_eps = residual_norm, momentum, ln_eps
         self.bias, self.retention = bias, retention
         dims = [dim] + [dim * expansion] * (depth - 1) + [dim]
@@ -350,6 +382,10 @@ class AssocMemory(nn.Module):
         ws = self.weights(st)
         out, cache = mlp_forward(ws, k, self.residual_norm, self.ln_eps)
         factors = mlp_backward(ws, cache, self.bias.grad(out - v, extra), self.residual_norm, self.ln_eps)
+        if self.max_grad_norm is not None:
+            # token n's gradient is outer(a_n, d_n) per layer, whose norm is |a_n| |d_n|
+            sq = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in factors)  # (B, H, N)
+            lr = lr * soft_clip_scale(sq.sqrt(), self.max_grad_norm)
 
         cum_a = log_keep.cumsum(-1)  # (B, H, N)
         total_a = cum_a[..., -1:]
@@ -402,6 +438,9 @@ def reference_update(
             ex = extra[:, :, n : n + 1] if extra is not None else None
             loss = core.loss(ws0, k[:, :, n : n + 1], v[:, :, n : n + 1], ex).sum()
             grads = torch.autograd.grad(loss, ws0)
+        if core.max_grad_norm is not None:
+            norm = torch.sqrt(sum(g.pow(2).sum((-2, -1)) for g in grads))
+            grads = [g * soft_clip_scale(norm, core.max_grad_norm)[..., None, None] for g in grads]
         a = log_keep[:, :, n].exp()[..., None, None]
         th = lr[:, :, n][..., None, None]
         for i, g in enumerate(grads):
@@ -465,6 +504,11 @@ class AssocMemoryConfig(MixerConfig):
     # taken at the same weights, so the stable step shrinks with the chunk: 0.1 keeps the linear
     # memory stable for chunks of 64 unit keys in 16-32 dims.
     lr_max: float = 0.1
+    # Soft clip of each token's memory-gradient norm (None: off). Without it the inner optimisation
+    # of the 2-layer memory blew up within 50 steps of MQAR training (titans_mal: weights 1e19,
+    # then NaN) as the outer loop grew the weights and with them the curvature; at 1.0 it stayed
+    # bounded and learned faster than at 10.
+    mem_max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -474,6 +518,10 @@ class AssocMemoryConfig(MixerConfig):
             raise ValueError(f"{type(self).__name__}.conv_size must be an int >= 0, got {self.conv_size!r}")
         if not self.lr_max > 0:
             raise ValueError(f"{type(self).__name__}.lr_max must be > 0, got {self.lr_max!r}")
+        if self.mem_max_grad_norm is not None and not self.mem_max_grad_norm > 0:
+            raise ValueError(
+                f"{type(self).__name__}.mem_max_grad_norm must be None or > 0, got {self.mem_max_grad_norm!r}"
+            )
 
 
 # Gate initialisations: keep ~0.99 per token (slow forgetting), momentum ~0.9, step lr_max/2,
@@ -506,6 +554,7 @@ class NeuralMemory(nn.Module):
         bias: AttentionalBias,
         retention: Retention,
         momentum: bool,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
@@ -532,6 +581,7 @@ class NeuralMemory(nn.Module):
             bias=bias,
             retention=retention,
             momentum=momentum,
+            max_grad_norm=max_grad_norm,
         )
 
     # -- state ---------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """Miras (Behrouz et al. 2025): Moneta, Yaad and Memora on the shared associative-memory core.
 
 Each model is one choice of attentional bias and retention for ``NeuralMemory`` (see
-``assoc_memory``); the memory is a 2-layer MLP ``x + LN(W2 gelu(W1 x))`` per head (expansion 4),
-learned at test time by gradient descent with data-dependent step ``eta_t`` and keep gate
-``alpha_t`` (both per head and token), in the chunked parallel form:
+``assoc_memory``); the memory is a 2-layer MLP ``W2 gelu(W1 x)`` per head (expansion 4; the
+paper's ``x + LN(...)`` block is ``mem_residual_norm=True``, off by default because it did not learn
+recall in our MQAR probe), learned at test time by gradient descent with data-dependent step
+``eta_t`` and keep gate ``alpha_t`` (both per head and token), in the chunked parallel form:
 
 - ``moneta``: l_p attentional bias ``||M(k) - v||_p^p`` (``p``, default 3) with l_q memory
-  stability (``q``, default 4): ``A_t = alpha_t A_{t-1} - eta_t grad``, ``W_t = A_t / ||A_t||_q^(q-2)``.
+  stability (``q``, default 4): ``A_t = alpha_t A_{t-1} - eta_t grad`` and W the mirror map of A
+  for the retention ``1/2 ||W||_q^2`` (``LqRetention``: the paper's ``A / ||A||_q^(q-2)`` is singular
+  as A decays and diverged in training).
 - ``yaad``: Huber attentional bias with a data-dependent threshold ``delta_t``: an L2 step while
   ``||M(k) - v||_2 <= delta_t``, else ``delta_t`` times an L1 (sign) step; weight-decay retention
   ``W_t = alpha_t W_{t-1} - eta_t grad``.
@@ -99,6 +102,7 @@ class _Miras(Mixer):
             residual_norm=c.mem_residual_norm,
             conv_size=c.conv_size,
             lr_max=c.lr_max,
+            max_grad_norm=c.mem_max_grad_norm,
             bias=bias,
             retention=retention,
             momentum=False,

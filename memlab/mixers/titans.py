@@ -154,6 +154,7 @@ class _Titans(Mixer):
             residual_norm=c.mem_residual_norm,
             conv_size=c.conv_size,
             lr_max=c.lr_max,
+            max_grad_norm=c.mem_max_grad_norm,
             bias=LpBias(2.0),
             retention=DecayRetention(),
             momentum=True,

@@ -24,7 +24,9 @@ from memlab.mixers.titans import window_attention
 DT = torch.float64
 
 
-def titans_core(depth: int = 2, residual_norm: bool = True, dim: int = 6) -> AssocMemory:
+def titans_core(
+    depth: int = 2, residual_norm: bool = True, dim: int = 6, max_grad_norm: float | None = None
+) -> AssocMemory:
     return AssocMemory(
         n_heads=2,
         dim=dim,
@@ -34,6 +36,7 @@ def titans_core(depth: int = 2, residual_norm: bool = True, dim: int = 6) -> Ass
         bias=LpBias(2.0),
         retention=DecayRetention(),
         momentum=True,
+        max_grad_norm=max_grad_norm,
     ).double()
 
 
@@ -66,10 +69,16 @@ def test_hand_written_backward_matches_autograd(depth: int, residual_norm: bool)
         torch.testing.assert_close(a[0], b, atol=1e-12, rtol=0)
 
 
-def test_chunk_update_equals_token_by_token_recurrence() -> None:
-    """The closed form (cumulative products of gates) == S, M recurrences run token by token."""
+@pytest.mark.parametrize(
+    ("residual_norm", "max_grad_norm"), [(True, None), (False, None), (False, 0.5), (True, 0.05)]
+)
+def test_chunk_update_equals_token_by_token_recurrence(
+    residual_norm: bool, max_grad_norm: float | None
+) -> None:
+    """The closed form (cumulative products of gates) == S, M recurrences run token by token,
+    also with each token's gradient soft-clipped (its norm taken from autograd in the reference)."""
     torch.manual_seed(1)
-    core = titans_core()
+    core = titans_core(residual_norm=residual_norm, max_grad_norm=max_grad_norm)
     st = core.init_state(2)
     # a non-zero incoming momentum exercises the S_0 terms of the closed form
     st = {k: v + 0.1 * torch.randn_like(v) for k, v in st.items()}
@@ -82,6 +91,24 @@ def test_chunk_update_equals_token_by_token_recurrence() -> None:
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], atol=1e-12, rtol=0)
         assert (fast[name] - st[name]).abs().max() > 1e-3  # the chunk did change the memory
+
+
+def test_soft_clip_bounds_each_token_step() -> None:
+    """Linear memory, one token: the step is theta * c tanh(|g|/c) g/|g| with |g| = 2 |e| |k|."""
+    torch.manual_seed(9)
+    core = titans_core(depth=1, residual_norm=False, max_grad_norm=0.5)
+    st = core.init_state(1)
+    k, v = unit(torch.randn(1, 2, 1, 6, dtype=DT)), 5 * torch.randn(1, 2, 1, 6, dtype=DT)
+    zero = torch.zeros(1, 2, 1, dtype=DT)
+    with torch.no_grad():
+        new = core.update(st, k, v, zero, zero + 0.3, zero - 30.0)  # keep 1, momentum ~0
+    err = torch.einsum("bhi,bhio->bho", k[:, :, 0], st["mem.w0"]) - v[:, :, 0]
+    g = 2 * k[:, :, 0, :, None] * err[..., None, :]
+    norm = torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True)
+    want = st["mem.w0"] - 0.3 * 0.5 * torch.tanh(norm / 0.5) * g / norm
+    torch.testing.assert_close(new["mem.w0"], want, atol=1e-12, rtol=0)
+    step = torch.linalg.vector_norm(new["mem.w0"] - st["mem.w0"], dim=(-2, -1))
+    assert (step <= 0.3 * 0.5 + 1e-12).all() and (norm > 5).all()  # a large error, a bounded move
 
 
 def test_chunk_of_one_is_titans_online_update_in_closed_form() -> None:
@@ -286,6 +313,7 @@ def test_outer_loss_trains_the_write_path() -> None:
         ("titans_mag", {"lr_max": 0.0}, "lr_max must be > 0, got 0.0"),
         ("titans_mal", {"conv_size": -2}, "conv_size must be an int >= 0, got -2"),
         ("titans_mac", {"mem_depth": 0}, "mem_depth must be a positive int, got 0"),
+        ("titans_mag", {"mem_max_grad_norm": -1.0}, "mem_max_grad_norm must be None or > 0, got -1.0"),
     ],
 )
 def test_config_errors_name_the_value(name: str, over: dict, match: str) -> None:
