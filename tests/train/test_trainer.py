@@ -201,6 +201,24 @@ def test_batches_come_from_one_set_and_sets_are_interleaved() -> None:
     assert per_epoch[0] != per_epoch[1]
 
 
+class NaNLogits(nn.Module):
+    """Logits that are NaN from the first step: a run that has diverged."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) * float("nan")
+
+
+def test_diverged_run_stops_after_the_epoch() -> None:
+    result = train(NaNLogits(32), [copy_prev(64, 8, 0)], {"t": copy_prev(16, 8, 1)},
+                   TrainConfig(lr=1e-3, epochs=5, batch_size=16, progress=False), "cpu")
+    assert result.epochs_run == 1 and result.steps == 4 and not result.stopped_early
+    assert all(math.isnan(x) for x in result.losses)
+
+
 def test_bad_input_raises_value_error() -> None:
     data = copy_prev(16, 8, 0)
     model = tiny_model()
