@@ -238,6 +238,10 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
     for length in lengths:
         ctx = torch.randint(100, 40000, (1, length), generator=g).to(device)
         question = torch.randint(100, 40000, (1, 16), generator=g).to(device)
+        if time.time() < deadline:
+            base = transformers_baseline(model, ctx, question, steps, clock)
+            results[f"transformers-dynamic/L={length}"] = base
+            model.config._attn_implementation = "sdpa"
         for name, cfg, chunk in configs:
             key = f"{name}@{cfg.get('ratio', 1)}" + (f"/chunk{chunk}" if chunk else "") + f"/L={length}"
             if time.time() > deadline:
@@ -280,6 +284,49 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
+
+
+def transformers_baseline(model: Any, ctx: torch.Tensor, question: torch.Tensor, steps: int,
+                          clock: Clock) -> dict[str, Any]:
+    """transformers' own DynamicCache with SDPA: the cache every policy is compared against."""
+    from transformers import DynamicCache
+
+    device = ctx.device
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"
+    try:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            base_mem = torch.cuda.memory_allocated(device)
+        cache = DynamicCache()
+        ids = torch.cat([ctx, question], dim=1)
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+
+        logits, t_prefill = clock(run)
+        kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+        lat = []
+        nxt = logits.argmax(-1)
+        for i in range(steps + 4):
+            def step(nxt: torch.Tensor = nxt) -> torch.Tensor:
+                with torch.no_grad():
+                    return model(input_ids=nxt[:, None], past_key_values=cache).logits[:, -1]
+
+            logits, dt = clock(step)
+            nxt = logits.argmax(-1)
+            if i >= 4:
+                lat.append(dt)
+        peak = torch.cuda.max_memory_allocated(device) - base_mem if cuda else None
+        return {"policy": "transformers-dynamic", "length": ctx.shape[1], "prefill_s": t_prefill,
+                "decode_ms": 1e3 * statistics.median(lat), "kv_bytes": kv, "full_kv_bytes": kv,
+                "kv_fraction": 1.0,
+                "peak_bytes": peak, "attended_ratio": 1.0}
+    finally:
+        model.config._attn_implementation = previous
 
 
 def write_markdown(report: dict[str, Any], out: Path) -> None:
@@ -336,6 +383,12 @@ def claims(report: dict[str, Any]) -> dict[str, Any]:
         return sp.get(f"{prefix}/L={longest}")
 
     full = get("full@1")
+    hf = sp.get(f"transformers-dynamic/L={longest}")
+    if full and hf:
+        out["memlab_full_vs_transformers"] = {
+            "length": longest, "decode_ms": [full["decode_ms"], hf["decode_ms"]],
+            "prefill_s": [full["prefill_s"], hf["prefill_s"]],
+        }
     for key, label in (("duo@0.25", "duo"), ("delta@0.1", "delta"), ("cake@0.1", "cake")):
         m = get(key)
         if m and full:

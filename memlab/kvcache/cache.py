@@ -106,7 +106,7 @@ class HeadGroup:
         """
         b, t, g, _ = k.shape
         lengths = self.lengths
-        if bool(valid.all()) and bool((lengths == lengths.flatten()[0]).all()):
+        if (t == 1 or bool(valid.all())) and bool((lengths == lengths.flatten()[0]).all()):
             # Common case (no padding, equal lengths): one concatenation, exact allocation.
             n0 = int(lengths.flatten()[0])
             self.keys = torch.cat([self.keys[:, :n0], k], dim=1)
@@ -181,7 +181,9 @@ def select_rows(
     k = int(kept.max()) if kept.numel() else 0
     scores = scores.float().masked_fill(~valid, float("-inf"))
     scores = torch.nan_to_num(scores, nan=float("-inf"))
-    top = scores.topk(k, dim=1, sorted=True).indices  # (B, K, G), best first
+    # A stable sort, not topk: ties (max pooling makes many) go to the earlier row, the same
+    # choice whatever the padded shape of the batch, so a padded batch equals its rows alone.
+    top = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, K, G), best first
     rank = torch.arange(k, device=scores.device)[None, :, None]
     in_use = rank < kept[:, None, :]
     # Kept rows first in row order (their positions stay sorted), unused slots after them.
@@ -224,6 +226,7 @@ class KVLayer(CacheLayerMixin):
         self.qpos: torch.Tensor | None = None  # (B, W) int64
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prefill_forwards = 0
+        self.stored = False  # whether any token was stored (decides the dense first-chunk path)
         self.scale = 1.0
         self.attended = 0  # rows read by decoding queries, summed over (batch, query head) and steps
         self.attended_full = 0  # rows a full cache would have held for the same reads
@@ -288,6 +291,7 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.groups = []
         self.columns = 0
+        self.stored = False
         self.seen = None
         self.qbuf = self.qvalid = self.qpos = None
         self._pending = None
@@ -386,7 +390,7 @@ class KVLayer(CacheLayerMixin):
         b, h, tq, d = query.shape
         hkv = k_new.shape[1]
         cache = self.cache
-        if mask2d is not None:
+        if mask2d is not None and tq > 1:
             valid = mask2d[:, -tq:].to(device=query.device, dtype=torch.bool)
             if valid.shape != (b, tq):
                 raise ValueError(f"attention_mask has shape {tuple(mask2d.shape)}, expected (B={b}, >= {tq})")
@@ -395,10 +399,12 @@ class KVLayer(CacheLayerMixin):
             if bool((valid[:, 1:] < valid[:, :-1]).any()) or bool(((self.seen > 0) & ~valid.all(1)).any()):
                 raise ValueError("KVCache supports left padding only (pads before the first real token)")
         else:
+            # A single new column is a real token: left padding puts pads only before the first
+            # one. Not reading the mask here saves a device sync per layer and decoding step.
             valid = torch.ones(b, tq, dtype=torch.bool, device=query.device)
         phase = "decode" if cache.frozen else "prefill"
         pos = self.seen[:, None] + valid.long().cumsum(dim=1) - 1  # (B, Tq) original positions
-        was_empty = all(int(g.lengths.max()) == 0 for g in self.groups) if self.groups else True
+        was_empty = not self.stored
         q = query.transpose(1, 2)  # (B, Tq, H, D)
         kt = k_new.transpose(1, 2)  # (B, Tq, Hkv, D)
         vt = v_new.transpose(1, 2)
@@ -406,6 +412,7 @@ class KVLayer(CacheLayerMixin):
             g.append(kt[:, :, g.heads], vt[:, :, g.heads], pos, valid)
         self.seen = self.seen + valid.sum(dim=1)
         self.columns += tq
+        self.stored = self.stored or tq == 1 or bool(valid.any())
         self.scale = scale
         if phase == "prefill":
             self.prefill_forwards += 1
@@ -618,7 +625,7 @@ class KVCache(Cache):
             lengths = _stack_heads(old.groups, "lengths")
             lay.device, lay.dtype, lay.batch_size = old.device, old.dtype, old.batch_size
             lay.seen, lay.columns, lay.scale = old.seen.clone(), old.columns, old.scale
-            lay.prefill_forwards = old.prefill_forwards
+            lay.prefill_forwards, lay.stored = old.prefill_forwards, old.stored
             window = policy.query_window()
             if window > 0:
                 lay.qbuf, lay.qvalid, lay.qpos = (

@@ -148,7 +148,7 @@ def calibrate_duo(
                 gates.clamp_(0.0, 1.0)
             losses.append(float(distill.detach()))
             if log is not None:
-                log(step, float(distill), float(gates.mean()))
+                log(step, losses[-1], float(gates.detach().mean()))
     finally:
         model.config._attn_implementation = previous
         _GATES.gates = None

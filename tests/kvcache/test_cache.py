@@ -264,7 +264,8 @@ def test_snapkv_keeps_the_window_votes(pooling: str, kernel: int) -> None:
     prefill(model, ids, cache)
     g = cache.layers[0].groups[0]
     for h in range(2):
-        want = set(per_kv[h].topk(20).indices.tolist())
+        # Ties (max pooling repeats a value over neighbours) go to the earlier token.
+        want = set(per_kv[h].sort(descending=True, stable=True).indices[:20].tolist())
         assert set(g.positions[0, :, h].tolist()) == want
 
 
