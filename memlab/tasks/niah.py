@@ -65,7 +65,8 @@ class NiahConfig(TaskConfig):
             raise ValueError(f"niah n_keys={self.n_keys} must be <= {len(KEYS)}")
         if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
             raise ValueError(
-                f"niah depths must satisfy 0 <= depth_min <= depth_max <= 1, got {self.depth_min}, {self.depth_max}"
+                "niah depths must satisfy 0 <= depth_min <= depth_max <= 1, "
+                f"got {self.depth_min}, {self.depth_max}"
             )
 
 
@@ -112,7 +113,8 @@ def _texts(variant: str, keys: list[str], asked: str, values: list[str], n_value
             "answer": ", ".join(values),
         }
     intro = (
-        "Below is a long text. Somewhere in it is a secret code. Read it carefully; you will be asked for the code."
+        "Below is a long text. Somewhere in it is a secret code. "
+        "Read it carefully; you will be asked for the code."
         if variant == "single"
         else "Below is a long text. Hidden in it are secret codes for several places. Read it carefully; "
         "you will be asked for one of them."
@@ -163,7 +165,9 @@ class Niah(Task):
                 v = str(rng.randrange(10 ** (c.digits - 1), 10**c.digits))
                 if v not in values:
                     values.append(v)
-            keys = ["vault"] if c.variant in ("passkey", "single", "multivalue") else rng.sample(KEYS, c.n_keys)
+            keys = (
+                ["vault"] if c.variant in ("passkey", "single", "multivalue") else rng.sample(KEYS, c.n_keys)
+            )
             asked = keys[0] if c.variant != "multikey" else rng.choice(keys)
             t = _texts(c.variant, keys, asked, values, c.n_values)
             head_ids = enc(head + t["intro"] + "\n\n")
@@ -199,8 +203,11 @@ class Niah(Task):
                     values=[t["answer"]] if c.variant != "multivalue" else values,
                     depths=depths,
                     needle_positions=positions,
-                    meta={"haystack_source": stream.text.source, "haystack_sha256": stream.text.sha256,
-                          "asked": asked},
+                    meta={
+                        "haystack_source": stream.text.source,
+                        "haystack_sha256": stream.text.sha256,
+                        "asked": asked,
+                    },
                 )
             )
         return out
@@ -221,7 +228,9 @@ class Niah(Task):
         samples = self.samples(self.tokenizer(), num_examples, seed)
         lengths = {len(s.answer_ids) for s in samples}
         if len(lengths) != 1:
-            raise ValueError(f"answers tokenize to different lengths {sorted(lengths)}; use samples() instead")
+            raise ValueError(
+                f"answers tokenize to different lengths {sorted(lengths)}; use samples() instead"
+            )
         rows, targets = [], []
         for s in samples:
             seq = torch.cat([s.prompt_ids, s.answer_ids])
