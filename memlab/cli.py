@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--suite", default=None, help="only this suite's runs")
 
     sub.add_parser("list", help="list mixers, tasks, run kinds and suites")
+
+    from memlab.kvcache.cli import add_calibrate_parser, add_kv_parser
+
+    add_kv_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -218,9 +223,11 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = _console()
-    command = {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command]
+    commands = {"run": cmd_run, "report": cmd_report, "list": cmd_list}
     try:
-        return command(args, console)
+        if args.command in commands:
+            return commands[args.command](args, console)
+        return args.func(args)  # kv / calibrate: their parsers bind the function
     except ValueError as exc:
         console.print(f"error: {exc}", style="bold red", markup=False, highlight=False)
         return 2

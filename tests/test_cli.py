@@ -81,3 +81,15 @@ def test_python_dash_m_memlab() -> None:
         [sys.executable, "-m", "memlab", "--help"], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and "run" in res.stdout and "report" in res.stdout and "list" in res.stdout
+
+
+def test_kv_and_calibrate_subcommands_are_wired(tmp_path, capsys) -> None:
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    assert main(["kv", "generate", "--policy", "nope", "--prompt-file", str(prompt)]) == 2
+    assert "unknown kv policy 'nope'" in capsys.readouterr().out
+    try:
+        main(["calibrate", "duo", "--help"])
+    except SystemExit as exc:  # argparse exits 0 after printing help
+        assert exc.code == 0
+    assert "--steps" in capsys.readouterr().out
