@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or (2 if smoke else 50)
     lengths = args.lengths or ([256] if smoke else [1024, 2048, 4096])
     speed_lengths = args.speed_lengths or ([512, 1024] if smoke else [8192, 16384, 32768, 65536])
-    batch = args.batch or (2 if smoke else 25)
+    batch = args.batch or samples
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     deadline = start + args.budget_s

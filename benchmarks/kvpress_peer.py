@@ -6,7 +6,8 @@ kvpress 0.5.x needs transformers < 5.3, so it runs in a separate process whose P
 ``--peer-path`` (kvpress, its transformers and their pure-Python dependencies, installed with
 ``pip install --no-deps --target``) first; memlab's environment is never touched. The parent
 process makes the niah prompts with memlab, runs memlab's ``snapkv``, ``streaming`` and
-``pyramidkv`` (with kvpress's defaults: window 64, average pooling over 5 tokens, 4 sinks), writes
+``pyramidkv`` (with kvpress's settings: window 64, average pooling over 5 tokens, votes averaged
+over the query heads of a KV head, 4 sinks), writes
 the prompt token ids to DIR, starts the worker (this same file with ``--worker``), and joins the
 results into DIR/kvpress_peer.json and DIR/kvpress_peer.md.
 
@@ -167,8 +168,8 @@ def parent(args: argparse.Namespace) -> int:
     samples = task.samples(tok, n, seed=7)
     entries = [{"name": "full"}]
     for name in MEMLAB_TWIN:
-        opts: dict[str, Any] = {"sinks": 4} if name == "streaming" else {"window": window, "kernel": 5,
-                                                                           "pooling": "avg"}
+        opts: dict[str, Any] = {"sinks": 4} if name == "streaming" else {
+            "window": window, "kernel": 5, "pooling": "avg", "group_reduce": "mean"}
         entries.append({"name": name, "ratio": ratios, "options": opts})
     specs = policy_specs(entries, "kvpress_peer")
     memlab_side = {}
@@ -215,7 +216,8 @@ def parent(args: argparse.Namespace) -> int:
                          | {"errors": e["errors"][:1]} for k, e in table.items()}
     report = {"length": length, "samples": n, "ratios": ratios, "device": str(device), "dtype": str(dtype),
               "memlab": memlab_side, "kvpress": peer,
-              "note": "memlab snapkv/pyramidkv use kvpress's window 64 and avg pooling over 5 here"}
+              "note": "memlab snapkv/pyramidkv use kvpress's settings here: window 64, avg pooling over 5, "
+                      "mean over the query heads of a KV head"}
     (args.out / "kvpress_peer.json").write_text(json.dumps(report, indent=1, default=str))
     lines = [f"# memlab vs kvpress, niah single, {length} tokens, {n} prompts, {device}", "",
              "| mode | method | ratio kept | memlab EM | kvpress EM | memlab log-lik | kvpress log-lik |",

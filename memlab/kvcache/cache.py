@@ -579,8 +579,10 @@ class KVCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The first single-token forward ends the prompt: freeze the budget before any layer runs.
-        if layer_idx == 0 and key_states.shape[2] == 1 and not self.frozen and self.layers[0].is_initialized:
+        # The first single-token forward ends the prompt: freeze the budget before any layer runs
+        # (unless memlab's own prefill is feeding the prompt one token at a time).
+        first_step = layer_idx == 0 and key_states.shape[2] == 1 and not self.frozen
+        if first_step and self.layers[0].is_initialized and not self.state.get("prefilling"):
             self.freeze()
         return self.layers[layer_idx].update(key_states, value_states)
 

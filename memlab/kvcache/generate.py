@@ -67,13 +67,32 @@ def prefill(
     seen = cache.seen.to(device) if cache.layers[0].is_initialized else torch.zeros(
         input_ids.shape[0], dtype=torch.long, device=device
     )
-    key = _cache_kwarg(model)
-    logits = None
     t = input_ids.shape[1]
     # Chunks end at the last column (the first chunk takes the remainder): with left padding,
     # every sequence of a batch then meets the same chunk boundaries, counted in its own
     # tokens, as when it runs alone.
     bounds = [0] + list(range(t % chunk or chunk, t + 1, chunk))
+    # A prompt of several tokens is a prefill even in chunks of one; a single token after a
+    # prompt is a decoding step (and freezes the budget, as in generate).
+    cache.state["prefilling"] = t > 1
+    try:
+        logits = _prefill_chunks(model, input_ids, mask, cache, bounds, seen, past_mask)
+    finally:
+        cache.state["prefilling"] = False
+    return logits
+
+
+def _prefill_chunks(
+    model: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: KVCache,
+    bounds: list[int],
+    seen: torch.Tensor,
+    past_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    key = _cache_kwarg(model)
+    logits = None
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         ids_c = input_ids[:, start:end]
         mask_c = mask[:, start:end]

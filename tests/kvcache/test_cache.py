@@ -244,8 +244,8 @@ def test_h2o_mass_is_accumulated_attention() -> None:
         torch.testing.assert_close(layer.groups[0].mass[0].T.double(), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("pooling,kernel", [("avg", 5), ("max", 7)])
-def test_snapkv_keeps_the_window_votes(pooling: str, kernel: int) -> None:
+@pytest.mark.parametrize("pooling,kernel,reduce", [("avg", 5, "mean"), ("max", 7, "max")])
+def test_snapkv_keeps_the_window_votes(pooling: str, kernel: int, reduce: str) -> None:
     """The rows SnapKV keeps are the top-k of the observation window's pooled attention."""
     model = tiny_model("llama", layers=1)
     ids = random_ids(1, 40)
@@ -257,9 +257,11 @@ def test_snapkv_keeps_the_window_votes(pooling: str, kernel: int) -> None:
         pooled = torch.nn.functional.avg_pool1d(votes, kernel, 1, kernel // 2, count_include_pad=False)[:, 0]
     else:
         pooled = torch.nn.functional.max_pool1d(votes, kernel, 1, kernel // 2)[:, 0]
-    per_kv = pooled.view(2, 2, 40).mean(dim=1)  # (Hkv, T)
+    per_kv = pooled.view(2, 2, 40)  # (Hkv, R, T)
+    per_kv = per_kv.mean(dim=1) if reduce == "mean" else per_kv.amax(dim=1)
     per_kv[:, -8:] = float("inf")
-    policy = policies.build("snapkv", tokens=20, window=8, kernel=kernel, pooling=pooling)
+    policy = policies.build("snapkv", tokens=20, window=8, kernel=kernel, pooling=pooling,
+                            group_reduce=reduce)
     cache = KVCache(model.config, policy=policy)
     prefill(model, ids, cache)
     g = cache.layers[0].groups[0]
