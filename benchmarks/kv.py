@@ -178,7 +178,7 @@ def duo_gates(
 
 
 def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, lengths, samples: int,
-             modes: list[str], batch: int, deadline: float, log) -> dict[str, Any]:
+             modes: list[str], batch: int, deadline: float, log, max_new_tokens: int = 24) -> dict[str, Any]:
     model, tok = load(model_id, dtype=dtype, device=device)
     out: dict[str, Any] = {"points": {}, "limits": {}}
     for length in lengths:
@@ -189,8 +189,8 @@ def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, len
                 out["points"][f"{length}/{mode}"] = {"skipped": "time budget"}
                 continue
             t0 = time.time()
-            rows = evaluate(model, tok, ss, specs, model_name=model_id, mode=mode, max_new_tokens=24,
-                            batch_size=batch)
+            rows = evaluate(model, tok, ss, specs, model_name=model_id, mode=mode,
+                            max_new_tokens=max_new_tokens, batch_size=batch)
             seconds = round(time.time() - t0, 1)
             out["points"][f"{length}/{mode}"] = {"seconds": seconds, "policies": aggregate(rows)}
             log(f"accuracy L={length} {mode}: {time.time() - t0:.0f}s")
@@ -201,7 +201,7 @@ def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, len
         task = Niah(NiahConfig(variant=variant, haystack=haystack, length=lengths[0], tokenizer=model_id))
         ss = task.samples(tok, samples, seed=0)
         rows = evaluate(model, tok, ss, full_only, model_name=model_id, mode="agnostic", batch_size=batch,
-                        loglik=True)
+                        max_new_tokens=max_new_tokens)
         out["limits"][f"{variant}/{haystack}/{lengths[0]}"] = {
             **aggregate(rows)["full"], "haystack_source": ss[0].meta["haystack_source"]}
     del model
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = with_gates(specs_for(args.ratios, smoke), gates_file)
     if "accuracy" not in args.skip:
         report["accuracy"] = accuracy(args.model, device, dtype, specs, lengths, samples, args.modes, batch,
-                                      start + 0.6 * args.budget_s, log)
+                                      start + 0.6 * args.budget_s, log, max_new_tokens=6 if smoke else 24)
         save()
     if "speed" not in args.skip:
         report["speed"] = speed(args.model, device, dtype, speed_lengths, gates_file, smoke, deadline, log)
