@@ -206,7 +206,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     _print_table(console, Table(title="mixers", columns=["name", "state", "options (defaults)"], rows=rows))
     rows = [[name, options(tasks.TASKS.get(name).Config, set())] for name in tasks.names()]
     _print_table(console, Table(title="tasks", columns=["name", "options (defaults)"], rows=rows))
-    rows = [[name, (JOBS.get(name).__doc__ or "").strip().splitlines()[0]] for name in JOBS.names()]
+    rows = [[name, ((JOBS.get(name).__doc__ or "").strip().splitlines() or [""])[0]] for name in JOBS.names()]
     _print_table(console, Table(title="run kinds", columns=["job", "what a run does"], rows=rows))
     rows = []
     for name in suite_names():
