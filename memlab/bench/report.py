@@ -120,7 +120,11 @@ def save_panels(path: Path, panels: list[Panel], *, suptitle: str = "", ncols: i
     keys = sorted({s.key for p in panels for s in p.series})
     palette = [f"C{i}" for i in range(10)]
     markers = "os^Dv<>ph*"
-    style = {k: (palette[i % 10], markers[(i // 10) % len(markers)]) for i, k in enumerate(keys)}
+    # Shapes and sizes cycle with colors so that coinciding points (e.g. two mixers computing
+    # the same function) stay visible as two different markers.
+    style = {
+        k: (palette[i % 10], markers[i % len(markers)], 10.0 - 1.5 * (i % 4)) for i, k in enumerate(keys)
+    }
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, panel in itertools.zip_longest(axes.flat, panels):
         if panel is None:
@@ -134,7 +138,7 @@ def save_panels(path: Path, panels: list[Panel], *, suptitle: str = "", ncols: i
                 ax.bar(pos, s.y, width=width, color=style[s.key][0], label=s.label)
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
         for s in [] if panel.bars else panel.series:
-            color, marker = style[s.key]
+            color, marker, size = style[s.key]
             ax.plot(
                 s.x,
                 s.y,
@@ -143,7 +147,10 @@ def save_panels(path: Path, panels: list[Panel], *, suptitle: str = "", ncols: i
                 linestyle="-" if s.line else "none",
                 label=s.label,
                 alpha=0.95 if s.line else 0.55,
-                markersize=5,
+                markersize=size,
+                # Hollow markers of different sizes: a point drawn over another stays visible.
+                markerfacecolor="none",
+                markeredgewidth=1.5,
             )
         if panel.xlog:
             ax.set_xscale("log", base=panel.xbase)

@@ -423,7 +423,7 @@ class MQARJob(Job):
             [
                 r.config["label"],
                 r.config["d_model"],
-                _fmt_axes(r.config),
+                _fmt_options(r.config),
                 r.config["lr"],
                 _acc(r.metrics["mean_accuracy"]),
                 r.metrics["final_loss"],
@@ -482,6 +482,20 @@ def _fmt_opts(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in options.items()) or "defaults"
 
 
+def _fmt_options(config: dict[str, Any]) -> str:
+    """Everything that tells two runs of one label apart in a table: the mixer's options as the
+    suite gave them, swept section options, and the LM's short conv."""
+    parts = [f"{k}={format_value(v)}" for k, v in config["mixer_options"].items()]
+    parts += [
+        f"{k.split('.')[-1]}={format_value(v)}"
+        for k, v in config["axes"].items()
+        if not k.startswith("mixer.")
+    ]
+    if config.get("short_conv"):
+        parts.append(f"short_conv={config['short_conv']}")
+    return " ".join(parts) or "-"
+
+
 def _fmt_axes(config: dict[str, Any]) -> str:
     return " ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in config["axes"].items()) or "-"
 
@@ -535,7 +549,7 @@ def _best_table(best: list[RunRecord], *, title: str, state_columns: str) -> Tab
             [
                 r.config["label"],
                 r.config["d_model"],
-                _fmt_axes(r.config),
+                _fmt_options(r.config),
                 r.config["lr"],
                 _acc(m["mean_accuracy"]),
                 *[_acc(m["accuracy"].get(n)) for n in test_names],
