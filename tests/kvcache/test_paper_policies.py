@@ -188,6 +188,9 @@ def test_gemfilter_cache_holds_the_selection() -> None:
     generate(model, random_ids(1, 64), cache, question_ids=random_ids(1, 4, seed=2), max_new_tokens=3)
     # 16 selected context tokens + 4 question tokens + 2 generated tokens fed back.
     assert cache.nbytes() == 3 * kv_bytes(model, 22)
+    plain = KVCache(model.config, policy=policies.build("gemfilter", ratio=0.25, filter_layer=1))
+    with pytest.raises(ValueError, match="selects the input"):
+        model.generate(random_ids(1, 64), past_key_values=plain, max_new_tokens=2, pad_token_id=0)
 
 
 # --- ALISA ---------------------------------------------------------------------------------------

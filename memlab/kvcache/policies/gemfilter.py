@@ -81,6 +81,14 @@ class GemFilter(Policy):
     def score(self, obs: Observation) -> torch.Tensor:
         return obs.positions.float()
 
+    def after_layer(self, cache: KVCache, layer: int, phase: str) -> None:
+        if phase == "prefill" and "gemfilter_columns" not in cache.state:
+            # Plain model.generate would silently run the whole prompt with a full cache.
+            raise ValueError(
+                "policy 'gemfilter' selects the input tokens before the model runs; use "
+                "memlab.kvcache.generate / answer_logprob, not model.generate"
+            )
+
     def layer_of(self, n_layers: int) -> int:
         layer = self.filter_layer if self.filter_layer is not None else (13 * n_layers) // 32
         if not 0 <= layer < n_layers:
