@@ -1,8 +1,8 @@
 """The ``memlab`` command: ``run`` a suite into the store, ``report`` the store, ``list`` what exists.
 
     memlab run SUITE [--store PATH] [--device auto|cpu|cuda|cuda:N] [--limit N] [--filter SUBSTR]
-                     [--epochs N] [--max-examples N] [--no-progress] [--skip-failed] [--strict]
-                     [--dry-run]
+                     [--epochs N] [--max-examples N] [--threads N] [--no-progress] [--skip-failed]
+                     [--strict] [--dry-run]
     memlab report [--store PATH] [--out DIR] [--suite NAME]
     memlab list
 
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cap every data set at N examples (a smoke test; such runs get their own ids)",
     )
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads on a CPU (default: the suite's cpu_threads, else torch's default)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
     run.add_argument("--strict", action="store_true", help="exit with status 1 when a run fails")
@@ -142,6 +148,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         )
         return 0
     device = resolve_device(args.device)
+    threads = args.threads if args.threads is not None else suite.cpu_threads
+    if device.type == "cpu" and threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # before the header below names the thread count
     console.print(
         f"suite {suite.name} ({suite.path}) on {device} [{device_name(device)}], store {args.store}"
     )
@@ -158,6 +169,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 retry_failed=not args.skip_failed,
                 rank=rank,
                 world_size=world,
+                threads=args.threads,
                 log=lambda msg: console.print(msg, markup=False, highlight=False),
             )
         except KeyboardInterrupt:

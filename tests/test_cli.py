@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from memlab.bench.store import Store
 from memlab.cli import main
 
@@ -24,7 +27,16 @@ def test_list_shows_mixers_tasks_kinds_and_suites(capsys) -> None:
         assert word in out, word
 
 
-def test_run_quick_twice_then_report(tmp_path, capsys) -> None:
+@pytest.fixture
+def keep_threads():
+    # `memlab run quick` sets torch's thread count (the suite's cpu_threads); later tests in this
+    # process must not inherit it.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_quick_twice_then_report(tmp_path, capsys, keep_threads) -> None:
     store = tmp_path / "memlab.sqlite"
     # One epoch on at most 128 examples per set: the whole path (train, measure, store) in seconds.
     small = ["--epochs", "1", "--max-examples", "128"]

@@ -33,7 +33,7 @@ from memlab.bench.report import Table
 from memlab.bench.store import Store
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
-SUITE_META_KEYS = {"description"}
+SUITE_META_KEYS = {"description", "cpu_threads"}
 
 
 @dataclass
@@ -49,6 +49,10 @@ class Suite:
     path: Path
     description: str
     sections: list[Section]
+    # torch threads for runs on a CPU (None: torch's default). Small models gain little from a
+    # second thread, and OpenMP threads that spin while a core is busy elsewhere can make a run
+    # ten times slower on a shared 2-core machine.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -117,7 +121,16 @@ def load_suite(name_or_path: str | os.PathLike[str]) -> Suite:
         sections.append(Section(name=name, job=table["job"], table=table))
     if not sections:
         raise ValueError(f"suite {str(path)!r} has no sections; add a table with job = ...")
-    return Suite(name=path.stem, path=path, description=str(meta.get("description", "")), sections=sections)
+    threads = meta.get("cpu_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{path.name} [suite] cpu_threads must be a positive int, got {threads!r}")
+    return Suite(
+        name=path.stem,
+        path=path,
+        description=str(meta.get("description", "")),
+        sections=sections,
+        cpu_threads=threads,
+    )
 
 
 def canonical_json(obj: Any) -> str:
@@ -175,13 +188,17 @@ def run_suite(
     retry_failed: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run every pending run of the suite (at most ``limit`` of them) and record each in the store.
 
     Exceptions inside a run (including CUDA out-of-memory) are stored as failed runs and the suite
-    goes on; KeyboardInterrupt marks the run interrupted and propagates.
+    goes on; KeyboardInterrupt marks the run interrupted and propagates. On a CPU, torch uses
+    ``threads`` threads, else the suite's ``cpu_threads``, else torch's default.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative int, got {limit!r}")
     if not 0 <= rank < world_size:
@@ -192,7 +209,10 @@ def run_suite(
     result = SuiteResult(suite=suite.name, planned=len(specs), notes=notes)
     for note in notes:
         log(f"note: {note}")
-    env = environment(device)
+    n_threads = threads if threads is not None else suite.cpu_threads
+    if device.type == "cpu" and n_threads is not None:
+        torch.set_num_threads(n_threads)
+    env = environment(device)  # after set_num_threads: the device name records the thread count
     jobs = {name: build_job(name) for name in {s.job for s in specs}}
     ctx = RunContext(device=device, progress=progress, log=log)
     started = 0

@@ -109,6 +109,25 @@ def test_out_of_memory_is_a_failed_run_not_a_crash(tmp_path) -> None:
         assert failed.error_line == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 80.00 GiB"
 
 
+def test_cpu_threads_from_the_suite_or_the_caller(tmp_path) -> None:
+    before = torch.get_num_threads()
+    try:
+        path = write(tmp_path, "[suite]\ncpu_threads = 1\n[main]\njob = 'fake'\nruns = 1\n")
+        suite = load_suite(path)
+        assert suite.cpu_threads == 1
+        with Store(tmp_path / "s.sqlite") as store:
+            run_suite(suite, store, device=CPU, progress=False, log=lambda m: None)
+            assert torch.get_num_threads() == 1
+            assert "1 torch threads" in store.records()[0].env["device_name"]
+            store.delete([r.id for r in store.records()])
+            run_suite(suite, store, device=CPU, threads=2, progress=False, log=lambda m: None)
+            assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="cpu_threads must be a positive int, got 0"):
+            load_suite(write(tmp_path, "[suite]\ncpu_threads = 0\n[main]\njob = 'fake'\nruns = 1\n"))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_limit_and_filter(tmp_path, monkeypatch) -> None:
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("MEMLAB_TEST_CALLS", str(log))
