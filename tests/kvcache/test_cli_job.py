@@ -59,7 +59,7 @@ def test_kv_niah_job_expands_and_runs(checkpoint) -> None:
     job = build_job("kv_niah")
     table = {
         "job": "kv_niah", "model": str(checkpoint), "variant": "single", "length": [96],
-        "mode": ["agnostic", "aware"], "samples": 2, "max_new_tokens": 3,
+        "mode": ["agnostic", "aware"], "samples": 2, "max_new_tokens": 3, "batch_size": 2,
         "policies": [{"name": "full"}, {"name": "snapkv", "ratio": [0.5, 0.25], "options": {"window": 4}},
                      {"name": "streaming", "ratio": 0.5}],
     }
@@ -75,5 +75,7 @@ def test_kv_niah_job_expands_and_runs(checkpoint) -> None:
     assert len(table_rows) == 4
     with pytest.raises(ValueError, match="unknown kv policy"):
         job.expand({**table, "policies": [{"name": "nope"}]}, where="t", overrides=Overrides())
+    with pytest.raises(ValueError, match="batch_size"):
+        job.expand({**table, "batch_size": 0}, where="t", overrides=Overrides())
     with pytest.raises(ValueError, match="mode"):
         job.expand({**table, "mode": "sideways"}, where="t", overrides=Overrides())

@@ -64,6 +64,7 @@ SECTION_KEYS = {
     "share_prefill",
     "loglik",
     "prefill_chunk",
+    "batch_size",
 }
 MODES = ("agnostic", "aware")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -316,7 +317,7 @@ class KVNiahJob(Job):
             "batch_size": table.get("batch_size", 1),
             "policies": specs,
         }
-        for name in ("samples", "max_new_tokens"):
+        for name in ("samples", "max_new_tokens", "batch_size"):
             if isinstance(base[name], bool) or not isinstance(base[name], int) or base[name] < 1:
                 raise ValueError(f"{where} {name} must be a positive int, got {base[name]!r}")
         for cell in grid(axes):
