@@ -69,7 +69,8 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'})"
 
 
 # -- environment --------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_cpu_threads_from_the_suite_or_the_caller(tmp_path) -> None:
         with Store(tmp_path / "s.sqlite") as store:
             run_suite(suite, store, device=CPU, progress=False, log=lambda m: None)
             assert torch.get_num_threads() == 1
-            assert "1 torch threads" in store.records()[0].env["device_name"]
+            assert "1 torch thread)" in store.records()[0].env["device_name"]
             store.delete([r.id for r in store.records()])
             run_suite(suite, store, device=CPU, threads=2, progress=False, log=lambda m: None)
             assert torch.get_num_threads() == 2
