@@ -51,3 +51,16 @@ def make_config(config_cls: type, owner: str, kwargs: dict[str, Any]) -> Any:
         return config_cls(**kwargs)
     except TypeError as exc:  # a missing required field
         raise ValueError(f"bad config for {owner}: {exc}") from exc
+
+
+def import_submodules(package: str, path: list[str], skip: set[str]) -> None:
+    """Import every module of a package except ``skip``, so their ``register`` decorators run.
+
+    Each registry's package calls this from its ``__init__``: adding a mechanism is adding a file.
+    """
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(path):
+        if mod.name not in skip and not mod.name.startswith("_"):
+            importlib.import_module(f"{package}.{mod.name}")

@@ -1,8 +1,6 @@
 """Run kinds. Importing this package imports every module in it, so each kind's
 ``@register_job`` decorator runs: adding a kind (issue 4's ``kv_niah``) is adding its file."""
 
-import importlib
-import pkgutil
 
 from memlab.bench.jobs.base import (
     JOBS,
@@ -16,11 +14,9 @@ from memlab.bench.jobs.base import (
     grid,
     register_job,
 )
+from memlab.registry import import_submodules
 
-_SHARED = {"base"}
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name not in _SHARED and not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_submodules(__name__, __path__, skip={"base"})
 
 __all__ = [
     "JOBS",

@@ -4,8 +4,6 @@
 Importing this package imports every module in it, so a new policy is one new file.
 """
 
-import importlib
-import pkgutil
 
 from memlab.kvcache.policies.base import (
     POLICIES,
@@ -19,11 +17,9 @@ from memlab.kvcache.policies.base import (
     split_exact,
 )
 from memlab.kvcache.policies.full import Full
+from memlab.registry import import_submodules
 
-_SHARED = {"base"}
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name not in _SHARED and not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_submodules(__name__, __path__, skip={"base"})
 
 __all__ = [
     "POLICIES",
