@@ -71,7 +71,7 @@ from memlab.bench.store import RunRecord
 from memlab.models.lm import LM
 from memlab.registry import make_config
 from memlab.tasks import TokenData
-from memlab.train import TrainConfig, seed_everything, train
+from memlab.train import TrainConfig, TrainResult, seed_everything, train
 
 SECTION_KEYS = {
     "job",
@@ -93,6 +93,22 @@ MIXER_KEYS = {"name", "label", "options", "sweep", "d_model", "lr", "train", "op
 # and benchmark runs keep no checkpoints.
 _TRAIN_RESERVED = {"lr", "seed", "progress", "checkpoint"}
 _ABBREV = {"seq_len": "L", "num_pairs": "kv"}
+
+
+def training_metrics(result: TrainResult, tc: TrainConfig, t0: float) -> dict[str, Any]:
+    """The metrics every training run kind stores: throughput, steps, loss, memory, wall time."""
+    return {
+        "train_tokens_per_s": result.tokens_per_s,
+        "train_tokens": result.train_tokens,
+        "train_wall_s": result.wall_s,
+        "steps": result.steps,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "wall_s": time.perf_counter() - t0,
+        "train_config": dataclasses.asdict(tc),
+    }
 
 
 def set_name(options: dict[str, Any]) -> str:
@@ -380,16 +396,7 @@ class MQARJob(Job):
             "tests": tests,
             "state_bytes": state_bytes,
             "num_params": model.num_params(),
-            "train_tokens_per_s": result.tokens_per_s,
-            "train_tokens": result.train_tokens,
-            "train_wall_s": result.wall_s,
-            "steps": result.steps,
-            "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early,
-            "final_loss": result.losses[-1] if result.losses else None,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "wall_s": time.perf_counter() - t0,
-            "train_config": dataclasses.asdict(tc),
+            **training_metrics(result, tc, t0),
         }
 
     # -- aggregation ------------------------------------------------------------------------

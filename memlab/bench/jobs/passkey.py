@@ -42,7 +42,6 @@ set, so that a run never trains on a signal from the extrapolation lengths.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections import defaultdict
@@ -53,7 +52,14 @@ import torch
 
 from memlab import mixers
 from memlab.bench.jobs.base import Overrides, RunContext, check_keys, register_job
-from memlab.bench.jobs.mqar import MQARJob, _build_task, best_lr_runs, line_key, set_name
+from memlab.bench.jobs.mqar import (
+    MQARJob,
+    _build_task,
+    best_lr_runs,
+    line_key,
+    set_name,
+    training_metrics,
+)
 from memlab.bench.measure import peak_memory
 from memlab.bench.report import (
     Figure,
@@ -66,7 +72,7 @@ from memlab.bench.report import (
     save_panels,
 )
 from memlab.bench.store import RunRecord
-from memlab.models.lm import LM, LMConfig
+from memlab.models.lm import LM
 from memlab.registry import make_config
 from memlab.tasks import IGNORE_INDEX, TokenData
 from memlab.tasks.passkey import Passkey
@@ -294,11 +300,16 @@ class PasskeyJob(MQARJob):
         vocab = test_tasks[0].vocab_size
 
         def build(options: dict[str, Any]) -> LM:
-            # LMConfig directly, not LM.from_mixer: a mixer option named like one of from_mixer's
-            # own arguments (MemMamba's inner n_layers) must reach the mixer, not the LM.
-            spec = {"mixer": config["mixer"], **options}
-            layers = [dict(spec) for _ in range(config["n_layers"])]
-            return LM(LMConfig(vocab_size=vocab, d_model=config["d_model"], layers=layers))
+            # mixer_options keeps a mixer option named like an LM argument (MemMamba's inner
+            # n_layers) with the mixer.
+            return LM.from_mixer(
+                config["mixer"],
+                vocab_size=vocab,
+                d_model=config["d_model"],
+                n_layers=config["n_layers"],
+                short_conv=config.get("short_conv", 0),
+                mixer_options=options,
+            )
 
         seed_everything(config["seed"])  # the model's initial weights depend on the seed only
         model = build(config["mixer_options"])
@@ -378,16 +389,7 @@ class PasskeyJob(MQARJob):
             "decode_errors": {str(n): m["error"] for n, m in by_length.items() if "error" in m},
             "train_max_len": train_len,
             "num_params": test_model.num_params(),
-            "train_tokens_per_s": result.tokens_per_s,
-            "train_tokens": result.train_tokens,
-            "train_wall_s": result.wall_s,
-            "steps": result.steps,
-            "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early,
-            "final_loss": result.losses[-1] if result.losses else None,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "wall_s": time.perf_counter() - t0,
-            "train_config": dataclasses.asdict(tc),
+            **training_metrics(result, tc, t0),
         }
 
     # -- aggregation ------------------------------------------------------------------------
