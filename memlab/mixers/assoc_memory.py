@@ -585,6 +585,27 @@ class NeuralMemory(nn.Module):
         )
 
     # -- state ---------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, c: AssocMemoryConfig, *, bias: AttentionalBias, retention: Retention, momentum: bool
+    ) -> NeuralMemory:
+        """The memory a Titans or Miras mixer describes with its config; the objective varies."""
+        return cls(
+            d_in=c.d_model,
+            n_heads=c.n_heads,
+            head_dim=c.d_model // c.n_heads,
+            chunk_size=c.chunk_size,
+            depth=c.mem_depth,
+            expansion=c.mem_expansion,
+            residual_norm=c.mem_residual_norm,
+            conv_size=c.conv_size,
+            lr_max=c.lr_max,
+            max_grad_norm=c.mem_max_grad_norm,
+            bias=bias,
+            retention=retention,
+            momentum=momentum,
+        )
+
     def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
         # The memory accumulates many small updates: keep it at least in float32.
         return torch.promote_types(dtype, torch.float32)

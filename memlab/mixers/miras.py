@@ -95,21 +95,7 @@ class _Miras(Mixer):
         c = config
         self.n_heads, self.head_dim = c.n_heads, c.d_model // c.n_heads
         bias, retention = self.objective()
-        self.memory = NeuralMemory(
-            d_in=c.d_model,
-            n_heads=c.n_heads,
-            head_dim=self.head_dim,
-            chunk_size=c.chunk_size,
-            depth=c.mem_depth,
-            expansion=c.mem_expansion,
-            residual_norm=c.mem_residual_norm,
-            conv_size=c.conv_size,
-            lr_max=c.lr_max,
-            max_grad_norm=c.mem_max_grad_norm,
-            bias=bias,
-            retention=retention,
-            momentum=False,
-        )
+        self.memory = NeuralMemory.from_config(c, bias=bias, retention=retention, momentum=False)
         self.norm = nn.Parameter(torch.ones(c.n_heads, 1, self.head_dim))
         self.gate = nn.Linear(c.d_model, c.d_model)
         self.out = nn.Linear(c.d_model, c.d_model, bias=False)

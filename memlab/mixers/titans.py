@@ -144,20 +144,8 @@ class _Titans(Mixer):
         c = config
         self.n_heads = c.n_heads
         self.head_dim = c.d_model // c.n_heads
-        self.memory = NeuralMemory(
-            d_in=c.d_model,
-            n_heads=c.n_heads,
-            head_dim=self.head_dim,
-            chunk_size=c.chunk_size,
-            depth=c.mem_depth,
-            expansion=c.mem_expansion,
-            residual_norm=c.mem_residual_norm,
-            conv_size=c.conv_size,
-            lr_max=c.lr_max,
-            max_grad_norm=c.mem_max_grad_norm,
-            bias=LpBias(2.0),
-            retention=DecayRetention(),
-            momentum=True,
+        self.memory = NeuralMemory.from_config(
+            c, bias=LpBias(2.0), retention=DecayRetention(), momentum=True
         )
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model, bias=False)
         self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
