@@ -2,7 +2,7 @@
 
     memlab run SUITE [--store PATH] [--device auto|cpu|cuda|cuda:N] [--limit N] [--filter SUBSTR]
                      [--epochs N] [--max-examples N] [--threads N] [--no-progress] [--skip-failed]
-                     [--strict] [--dry-run]
+                     [--stop-after SECONDS] [--strict] [--dry-run]
     memlab report [--store PATH] [--out DIR] [--suite NAME]
     memlab list
 
@@ -61,6 +61,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memlab.bench.store import DEFAULT_STORE
 
@@ -94,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="torch threads on a CPU (default: the suite's cpu_threads, else torch's default)",
+    )
+    run.add_argument(
+        "--stop-after",
+        type=_non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new run after SECONDS (for a machine lent for a fixed time); the rest stay pending",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
@@ -170,6 +187,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 rank=rank,
                 world_size=world,
                 threads=args.threads,
+                stop_after=args.stop_after,
                 log=lambda msg: console.print(msg, markup=False, highlight=False),
             )
         except KeyboardInterrupt:
@@ -184,6 +202,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     )
     for name in result.failed_names:
         console.print(f"  failed: {name} (see `memlab report` for the traceback)")
+    if result.stopped_by_time:
+        console.print(f"--stop-after {args.stop_after:g} s reached: pending runs start on the next call")
     return 1 if args.strict and result.failed else 0
 
 

@@ -76,6 +76,7 @@ class SuiteResult:
     failed: int = 0
     failed_names: list[str] = field(default_factory=list)
     interrupted: bool = False
+    stopped_by_time: bool = False  # --stop-after ran out before every pending run started
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -189,14 +190,22 @@ def run_suite(
     rank: int = 0,
     world_size: int = 1,
     threads: int | None = None,
+    stop_after: float | None = None,
     log: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run every pending run of the suite (at most ``limit`` of them) and record each in the store.
 
     Exceptions inside a run (including CUDA out-of-memory) are stored as failed runs and the suite
     goes on; KeyboardInterrupt marks the run interrupted and propagates. On a CPU, torch uses
-    ``threads`` threads, else the suite's ``cpu_threads``, else torch's default.
+    ``threads`` threads, else the suite's ``cpu_threads``, else torch's default. ``stop_after``
+    (seconds): start no run once that much time has passed since the suite started, so that a
+    machine lent for a fixed time is not killed in the middle of a run; the rest stay pending.
+    Several processes on one store share the pending runs: each claims the next free one.
     """
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, (int, float)) or not stop_after >= 0
+    ):
+        raise ValueError(f"stop_after must be None or a number of seconds >= 0, got {stop_after!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
@@ -218,6 +227,10 @@ def run_suite(
     started = 0
     for i, spec in enumerate(specs):
         if limit is not None and started >= limit:
+            break
+        if stop_after is not None and time.perf_counter() - t0 >= stop_after:
+            result.stopped_by_time = True
+            log(f"stop-after: {stop_after:g} s passed, no new run started")
             break
         claimed = store.claim(
             run_id=spec.id,

@@ -41,6 +41,9 @@ class TrainConfig:
     """Optimisation options of one run.
 
     ``target_accuracy``: stop after the first epoch at whose end every eval set reaches it.
+    ``max_train_s``: a wall-clock cap on training (evaluation excluded), for GPU slices that give
+    every mixer the same time. The cosine schedule then follows whichever runs out first, steps or
+    time, so a capped run still anneals its learning rate before it stops (and evaluates).
     ``checkpoint``: a safetensors path written with the final weights.
     """
 
@@ -51,6 +54,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     target_accuracy: float | None = None
+    max_train_s: float | None = None
     seed: int = 0
     progress: bool = True
     checkpoint: str | None = None
@@ -71,6 +75,9 @@ class TrainConfig:
         ta = self.target_accuracy
         if ta is not None and (not _is_number(ta) or not 0 < ta <= 1):
             raise ValueError(f"TrainConfig.target_accuracy must be None or in (0, 1], got {ta!r}")
+        cap = self.max_train_s
+        if cap is not None and (not _is_number(cap) or not math.isfinite(cap) or cap <= 0):
+            raise ValueError(f"TrainConfig.max_train_s must be None or a finite number > 0, got {cap!r}")
         if not isinstance(self.progress, bool):
             raise ValueError(f"TrainConfig.progress must be a bool, got {self.progress!r}")
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
@@ -99,6 +106,7 @@ class TrainResult:
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
     stopped_early: bool = False
+    stopped_by_time: bool = False
     peak_memory_bytes: int = 0
 
 
@@ -112,6 +120,14 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int) -> float
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _schedule_step(step: int, elapsed: float, total_steps: int, config: TrainConfig) -> int:
+    # Under a time cap the schedule runs on the larger of the two clocks: the fraction of steps
+    # done and the fraction of the time cap spent (the warm-up counts steps only).
+    if config.max_train_s is None or step < config.warmup_steps:
+        return step
+    return max(step, int(elapsed / config.max_train_s * total_steps))
 
 
 def seq_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -290,9 +306,14 @@ def train(
             t0 = time.perf_counter()
             epoch_losses: list[torch.Tensor] = []
             for k, idx in _epoch_batches(sizes, config.batch_size, gen):
+                elapsed = train_time + time.perf_counter() - t0
+                if config.max_train_s is not None and elapsed >= config.max_train_s:
+                    result.stopped_by_time = True
+                    break
                 idx = idx.to(device)
                 x, y = sets[k].inputs[idx], sets[k].targets[idx]
-                lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=total_steps)
+                lr = lr_at(_schedule_step(step, elapsed, total_steps, config), lr=config.lr,
+                           warmup_steps=config.warmup_steps, total_steps=total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss = seq_loss(_logits(model, x), y)
@@ -310,6 +331,8 @@ def train(
             if on_cuda:
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - t0
+            if not epoch_losses:  # the time cap ran out exactly at an epoch boundary
+                break
             result.losses += torch.stack(epoch_losses).tolist()
             result.epochs_run = epoch + 1
 
@@ -329,7 +352,7 @@ def train(
             ):
                 result.stopped_early = epoch + 1 < config.epochs
                 break
-            if not math.isfinite(result.losses[-1]):
+            if not math.isfinite(result.losses[-1]) or result.stopped_by_time:
                 break
 
     result.steps = step

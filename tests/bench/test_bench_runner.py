@@ -143,6 +143,25 @@ def test_limit_and_filter(tmp_path, monkeypatch) -> None:
         assert calls(log) == [0, 1, 4, 2], "limit counts runs started, not runs skipped as done"
 
 
+def test_stop_after_starts_no_run_once_the_time_is_spent(tmp_path, monkeypatch) -> None:
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("MEMLAB_TEST_CALLS", str(log))
+    suite = load_suite(fake_suite(tmp_path, runs=4))
+    # A clock that advances 10 s per reading: runs start at t = 10, 20 (< 25), not at 30.
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr("memlab.bench.runner.time.perf_counter", lambda: float(next(clock)))
+    with Store(tmp_path / "s.sqlite") as store:
+        res = run_suite(suite, store, device=CPU, stop_after=25, progress=False, log=lambda m: None)
+        assert res.stopped_by_time and res.done == len(calls(log)) >= 1
+        assert len(store.records(status="done")) == res.done < 4
+        monkeypatch.undo()
+        monkeypatch.setenv("MEMLAB_TEST_CALLS", str(log))
+        res = run_suite(suite, store, device=CPU, stop_after=1e9, progress=False, log=lambda m: None)
+        assert not res.stopped_by_time and sorted(calls(log)) == [0, 1, 2, 3]
+        with pytest.raises(ValueError, match="stop_after"):
+            run_suite(suite, store, device=CPU, stop_after=-1, log=lambda m: None)
+
+
 def test_ranks_share_the_suite_without_overlap(tmp_path, monkeypatch) -> None:
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("MEMLAB_TEST_CALLS", str(log))

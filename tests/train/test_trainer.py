@@ -132,6 +132,23 @@ def test_early_stop_at_target_accuracy() -> None:
     assert result.wall_s >= result.train_tokens / result.tokens_per_s
 
 
+def test_time_cap_stops_evaluates_and_anneals(recorder: StepRecorder, monkeypatch) -> None:
+    # A fake clock that advances 1 s per reading makes the cap hit at a known step.
+    clock = iter(range(10**6))
+    monkeypatch.setattr("memlab.train.trainer.time.perf_counter", lambda: float(next(clock)))
+    data, test = copy_prev(160, 8, 0), copy_prev(32, 8, 1)
+    cfg = TrainConfig(lr=0.02, epochs=50, batch_size=16, max_train_s=12.0, progress=False)
+    result = train(tiny_model(), [data], {"t": test}, cfg, "cpu")
+    assert result.stopped_by_time and not result.stopped_early
+    assert 0 < result.steps < 50 * 10 and result.epochs_run == 1
+    assert result.steps == len(result.losses) == len(recorder.lrs)
+    assert "t" in result.eval_accuracy
+    # The schedule follows the time cap, not the 500 planned steps: the last lr is already far
+    # down the cosine, where the step count alone would leave it near its peak.
+    assert recorder.lrs[-1] < 0.25 * 0.02 < 0.9 * 0.02 < recorder.lrs[0]
+    assert all(a >= b for a, b in zip(recorder.lrs, recorder.lrs[1:], strict=False))
+
+
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path) -> None:
     path = tmp_path / "sub" / "model.safetensors"
     data = copy_prev(64, 12, 0)
@@ -231,6 +248,8 @@ def test_bad_input_raises_value_error() -> None:
         ({"lr": 1e-3, "target_accuracy": 1.5}, "target_accuracy"),
         ({"lr": 1e-3, "warmup_steps": -1}, "warmup_steps"),
         ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay"),
+        ({"lr": 1e-3, "max_train_s": 0.0}, "max_train_s"),
+        ({"lr": 1e-3, "max_train_s": float("inf")}, "max_train_s"),
     ):
         with pytest.raises(ValueError, match=field):
             TrainConfig(**kwargs)

@@ -104,6 +104,7 @@ def training_metrics(result: TrainResult, tc: TrainConfig, t0: float) -> dict[st
         "steps": result.steps,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
+        "stopped_by_time": result.stopped_by_time,
         "final_loss": result.losses[-1] if result.losses else None,
         "peak_memory_bytes": result.peak_memory_bytes,
         "wall_s": time.perf_counter() - t0,
