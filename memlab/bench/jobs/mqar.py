@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -110,6 +111,18 @@ def training_metrics(result: TrainResult, tc: TrainConfig, t0: float) -> dict[st
         "wall_s": time.perf_counter() - t0,
         "train_config": dataclasses.asdict(tc),
     }
+
+
+def training_end(metrics: dict[str, Any]) -> str:
+    """How a run's training ended, for report tables: a diverged or time-capped run must show."""
+    loss = metrics.get("final_loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return "diverged (loss not finite)"
+    if metrics.get("stopped_by_time"):
+        return f"time cap ({metrics.get('steps')} steps)"
+    if metrics.get("stopped_early"):
+        return "target reached"
+    return "all epochs"
 
 
 def set_name(options: dict[str, Any]) -> str:
@@ -436,6 +449,7 @@ class MQARJob(Job):
                 _acc(r.metrics["mean_accuracy"]),
                 r.metrics["final_loss"],
                 r.metrics["epochs_run"],
+                training_end(r.metrics),
                 _rate(r.metrics["train_tokens_per_s"]),
                 r.metrics["wall_s"],
             ]
@@ -451,6 +465,7 @@ class MQARJob(Job):
                 "mean acc",
                 "final loss",
                 "epochs",
+                "training ended",
                 "tok/s",
                 "wall s",
             ],

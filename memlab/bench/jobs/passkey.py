@@ -58,6 +58,7 @@ from memlab.bench.jobs.mqar import (
     best_lr_runs,
     line_key,
     set_name,
+    training_end,
     training_metrics,
 )
 from memlab.bench.measure import peak_memory
@@ -557,6 +558,7 @@ def _runs_table(done: list[RunRecord]) -> Table:
             r.metrics["mean_exact_match"],
             r.metrics["final_loss"],
             r.metrics["epochs_run"],
+            training_end(r.metrics),
             r.metrics["train_tokens_per_s"],
             format_bytes(r.metrics["peak_memory_bytes"]),
             r.metrics["wall_s"],
@@ -573,6 +575,7 @@ def _runs_table(done: list[RunRecord]) -> Table:
             "mean exact",
             "final loss",
             "epochs",
+            "training ended",
             "tok/s",
             "peak mem",
             "wall s",
