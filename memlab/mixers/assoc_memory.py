@@ -151,29 +151,41 @@ class LqRetention(Retention):
     homogeneous of degree 1, so a decaying A shrinks W. (Miras writes the normalisation as
     ``A / ||A||^(q-2)``; that form is singular as A decays to 0, and blew up in training.)
     ``|A|^(p-2)`` is smoothed as ``(A^2 + eps)^((p-2)/2)`` so that its slope stays finite at 0.
+
+    ``normalized`` scales the regulariser to ``c/2 ||W||_q^2`` with ``c = n^(1 - 2/q)`` (n entries
+    of the matrix), i.e. ``n/2 (mean |W|^q)^(2/q)``, which is ``1/2 ||W||_2^2`` at q = 2 and has a
+    Hessian of O(1) for weights of any size; it divides W by c. Unnormalised, the map's gain
+    dW/dA ~ ||W||_q^(q-2) / ((q-1) |W|^(q-2)) grows like sqrt(n) at q = 4: ~74 for a 64 x 256
+    memory layer at init, so every step in A moved W tens of times lr_max, and the outer
+    gradient exploded (4e11 over 2048 tokens).
     """
 
     name = "lq"
 
-    def __init__(self, q: float = 4.0, eps: float = 1e-6) -> None:
+    def __init__(self, q: float = 4.0, eps: float = 1e-6, normalized: bool = True) -> None:
         if not q > 1:
             raise ValueError(f"LqRetention: q must be > 1, got {q!r}")
         self.q, self.p, self.eps = float(q), float(q) / (float(q) - 1.0), float(eps)
+        self.normalized = bool(normalized)
+
+    def _scale(self, acc: torch.Tensor) -> float:
+        """c in the regulariser ``c/2 ||W||_q^2``: n^(1 - 2/q) normalised (n entries), else 1."""
+        return (acc.shape[-2] * acc.shape[-1]) ** (1.0 - 2.0 / self.q) if self.normalized else 1.0
 
     def weights(self, acc: torch.Tensor) -> torch.Tensor:
         if self.q == 2:
             return acc
         p = self.p
         norm = torch.linalg.vector_norm(acc, ord=p, dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-        return acc * (acc * acc + self.eps).pow((p - 2) / 2) * norm.pow(2 - p)
+        return acc * (acc * acc + self.eps).pow((p - 2) / 2) * norm.pow(2 - p) / self._scale(acc)
 
     def init_accumulator(self, w0: torch.Tensor) -> torch.Tensor:
-        # the gradient of 1/2 ||W||_q^2 at w0, the inverse of ``weights``: the memory starts at w0
+        # the gradient of c/2 ||W||_q^2 at w0, the inverse of ``weights``: the memory starts at w0
         if self.q == 2:
             return w0
         q = self.q
         norm = torch.linalg.vector_norm(w0, ord=q, dim=(-2, -1), keepdim=True)
-        return torch.sign(w0) * w0.abs().pow(q - 1) * norm.pow(2 - q)
+        return torch.sign(w0) * w0.abs().pow(q - 1) * norm.pow(2 - q) * self._scale(w0)
 
 
 class KLRetention(Retention):
@@ -319,10 +331,14 @@ class AssocMemory(nn.Module):
         retention: Retention,
         momentum: bool,
         max_grad_norm: float | None = None,
+        loss_mean: bool = False,
         ln_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.n_heads, self.dim, self.depth = n_heads, dim, depth
+        # loss_mean: the bias is averaged over the D value entries (titans-pytorch's MSE) instead
+        # of summed, so the step's size and the memory's curvature do not grow with the head dim.
+        self.loss_scale = 1.0 / dim if loss_mean else 1.0
         self.max_grad_norm = max_grad_norm
         self.residual_norm, self.momentum, self.ln_eps = residual_norm, momentum, ln_eps
         self.bias, self.retention = bias, retention
@@ -354,7 +370,7 @@ class AssocMemory(nn.Module):
         self, ws: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None
     ) -> torch.Tensor:
         """Per-token attentional-bias loss (B, H, N) of the pairs (k, v) under weights ws."""
-        return self.bias.loss(self.evaluate(ws, k) - v, extra)
+        return self.loss_scale * self.bias.loss(self.evaluate(ws, k) - v, extra)
 
     def update(
         self,
@@ -381,7 +397,8 @@ class AssocMemory(nn.Module):
             raise ValueError(f"log_mom must be given exactly when momentum is on (momentum={self.momentum})")
         ws = self.weights(st)
         out, cache = mlp_forward(ws, k, self.residual_norm, self.ln_eps)
-        factors = mlp_backward(ws, cache, self.bias.grad(out - v, extra), self.residual_norm, self.ln_eps)
+        g = self.loss_scale * self.bias.grad(out - v, extra)
+        factors = mlp_backward(ws, cache, g, self.residual_norm, self.ln_eps)
         if self.max_grad_norm is not None:
             # token n's gradient is outer(a_n, d_n) per layer, whose norm is |a_n| |d_n|
             sq = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in factors)  # (B, H, N)
@@ -500,15 +517,28 @@ class AssocMemoryConfig(MixerConfig):
     # small CPU MQAR probe the plain MLP learned recall (Yaad 0.44) where the LN form did not (0.04).
     mem_residual_norm: bool = False
     conv_size: int = 4  # causal depthwise conv on q, k, v; 0 or 1 disables it
-    # The data-dependent step theta_t lies in (0, lr_max). A chunk sums up to chunk_size gradients
-    # taken at the same weights, so the stable step shrinks with the chunk: 0.1 keeps the linear
-    # memory stable for chunks of 64 unit keys in 16-32 dims.
+    # The data-dependent step theta_t lies in (0, lr_max), on the value-averaged bias (below).
+    # Stability of the outer gradient: a chunk sums chunk_size gradients taken at the same weights
+    # and momentum multiplies the step by ~1/(1 - eta), so the 2-layer memory's chunk map expands
+    # (and gradients through it explode) once lr_max/(1 - eta_init) reaches ~2-3 (measured:
+    # d_model 128, 2 heads, chunk 64, 2048 tokens). 0.1 with eta 0.9 keeps a margin of ~2.5.
     lr_max: float = 0.1
-    # Soft clip of each token's memory-gradient norm (None: off). Without it the inner optimisation
-    # of the 2-layer memory blew up within 50 steps of MQAR training (titans_mal: weights 1e19,
-    # then NaN) as the outer loop grew the weights and with them the curvature. On the CPU MQAR
-    # probe, 3.0 kept it bounded and learned best (titans_mag recall 0.52, vs 0.26 at 1.0).
+    # Soft clip of each token's memory-gradient norm (None: off), a safety net for when the outer
+    # loop grows the memory: with the value-averaged bias a token's gradient is ~0.1 at init, so
+    # the clip at 3 only acts on gradients ~30x larger. (With the summed bias it was what kept
+    # titans_mal's weights from reaching 1e19 within 50 MQAR steps.)
     mem_max_grad_norm: float | None = 3.0
+    # Average the attentional bias over the D value entries (titans-pytorch's MSE) instead of
+    # summing it: the memory's curvature, and so the stable step, does not scale with the head
+    # dim. The summed form with lr_max 0.1 made the chunk map expansive (outer gradients grew 2-4x
+    # per chunk: titans_mac 2e13 at 2048 tokens).
+    mem_loss_mean: bool = True
+    # alpha_t at init: the memory keeps 1 - alpha_t per token. Weight decay drives the 2-layer
+    # memory into the zero saddle of the MLP, where its gradients vanish; at 1e-2 the reads fell to
+    # 0 over 4096 tokens. 5e-4 keeps (1 - alpha)^4096 ~ 0.13 per layer; the gate is data-dependent
+    # and the outer loop can raise it.
+    mem_forget_init: float = 5e-4
+    mem_momentum_init: float = 0.9  # eta_t at init (Titans' momentum; unused without momentum)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -518,16 +548,17 @@ class AssocMemoryConfig(MixerConfig):
             raise ValueError(f"{type(self).__name__}.conv_size must be an int >= 0, got {self.conv_size!r}")
         if not self.lr_max > 0:
             raise ValueError(f"{type(self).__name__}.lr_max must be > 0, got {self.lr_max!r}")
+        for name in ("mem_forget_init", "mem_momentum_init"):
+            val = getattr(self, name)
+            if not 0 < val < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be in (0, 1), got {val!r}")
         if self.mem_max_grad_norm is not None and not self.mem_max_grad_norm > 0:
             raise ValueError(
                 f"{type(self).__name__}.mem_max_grad_norm must be None or > 0, got {self.mem_max_grad_norm!r}"
             )
 
 
-# Gate initialisations: keep ~0.99 per token (slow forgetting), momentum ~0.9, step lr_max/2,
-# Huber threshold 1.
-_KEEP_BIAS = 4.6
-_MOM_BIAS = 2.2
+# Gate initialisations (step lr_max/2, Huber threshold 1; keep and momentum from the config).
 _DELTA_BIAS = 0.5413  # softplus^-1(1)
 
 
@@ -555,6 +586,9 @@ class NeuralMemory(nn.Module):
         retention: Retention,
         momentum: bool,
         max_grad_norm: float | None = None,
+        loss_mean: bool = False,
+        forget_init: float = 1e-2,
+        momentum_init: float = 0.9,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
@@ -568,9 +602,9 @@ class NeuralMemory(nn.Module):
         with torch.no_grad():
             b = self.gate_proj.bias.view(n_heads, self.n_gates)
             b.zero_()
-            b[:, 0] = _KEEP_BIAS
+            b[:, 0] = math.log((1 - forget_init) / forget_init)  # sigmoid^-1(1 - alpha)
             if momentum:
-                b[:, 2] = _MOM_BIAS
+                b[:, 2] = math.log(momentum_init / (1 - momentum_init))
             b[:, 2 + int(momentum) :] = _DELTA_BIAS
         self.core = AssocMemory(
             n_heads=n_heads,
@@ -582,6 +616,7 @@ class NeuralMemory(nn.Module):
             retention=retention,
             momentum=momentum,
             max_grad_norm=max_grad_norm,
+            loss_mean=loss_mean,
         )
 
     # -- state ---------------------------------------------------------------------------------
@@ -601,6 +636,9 @@ class NeuralMemory(nn.Module):
             conv_size=c.conv_size,
             lr_max=c.lr_max,
             max_grad_norm=c.mem_max_grad_norm,
+            loss_mean=c.mem_loss_mean,
+            forget_init=c.mem_forget_init,
+            momentum_init=c.mem_momentum_init,
             bias=bias,
             retention=retention,
             momentum=momentum,

@@ -8,8 +8,9 @@ recall in our MQAR probe), learned at test time by gradient descent with data-de
 
 - ``moneta``: l_p attentional bias ``||M(k) - v||_p^p`` (``p``, default 3) with l_q memory
   stability (``q``, default 4): ``A_t = alpha_t A_{t-1} - eta_t grad`` and W the mirror map of A
-  for the retention ``1/2 ||W||_q^2`` (``LqRetention``: the paper's ``A / ||A||_q^(q-2)`` is singular
-  as A decays and diverged in training).
+  for the retention ``c/2 ||W||_q^2`` (``LqRetention``: the paper's ``A / ||A||_q^(q-2)`` is singular
+  as A decays and diverged in training; ``c = n^(1 - 2/q)`` for n entries makes the map's gain
+  O(1), as for q = 2, instead of ~sqrt(n) / 3 = 40-70 for a 64 x 256 matrix at q = 4).
 - ``yaad``: Huber attentional bias with a data-dependent threshold ``delta_t``: an L2 step while
   ``||M(k) - v||_2 <= delta_t``, else ``delta_t`` times an L1 (sign) step; weight-decay retention
   ``W_t = alpha_t W_{t-1} - eta_t grad``.
@@ -49,6 +50,9 @@ from memlab.mixers.base import Mixer, State, register
 
 @dataclass(kw_only=True)
 class MonetaConfig(AssocMemoryConfig):
+    # Without momentum the step is not amplified across chunks: at d_model 128, 2 heads, chunk 64
+    # the outer gradient stayed ~20 up to lr_max 8 and exploded at 32 (Moneta and Yaad).
+    lr_max: float = 2.0
     p: float = 3.0  # l_p attentional bias (p >= 1; below 2 |e| is smoothed as sqrt(e^2 + eps))
     q: float = 4.0  # l_q retention (q > 1; q = 2 is plain weight decay)
 
@@ -62,9 +66,11 @@ class MonetaConfig(AssocMemoryConfig):
 
 @dataclass(kw_only=True)
 class YaadConfig(AssocMemoryConfig):
+    lr_max: float = 2.0  # as Moneta's
     # The Huber objective already bounds each token's pull (delta_t sign(e) past the threshold),
     # and the extra clip slowed learning: on the CPU MQAR probe recall reached 0.83 without it
-    # (600 steps) and 0.18 with a clip at 3 (300 steps; 0.44 unclipped at 300).
+    # (600 steps) and 0.18 with a clip at 3 (300 steps; 0.44 unclipped at 300; both measured with
+    # the summed bias).
     mem_max_grad_norm: float | None = None
 
 
@@ -73,8 +79,10 @@ class MemoraConfig(AssocMemoryConfig):
     simplex_scale: float = 1.0  # c: every memory column sums to c
     # The step moves log-weights (a mirror step), whose useful size is O(1) per token; Euclidean
     # steps on weights of size 1/Din are much smaller. On the CPU MQAR probe the linear Memora
-    # learned better with steps up to 10 (acc 0.17) than up to 1 (0.11).
-    lr_max: float = 10.0
+    # learned better with steps up to 10 (acc 0.17) than up to 1 (0.11), on the summed bias. On
+    # the value-averaged one (64x smaller gradients at head dim 64) the outer gradient at d_model
+    # 128, 2 heads, chunk 64 stayed ~25 up to 100 and reached 2e5 at 640 (= 10 summed).
+    lr_max: float = 30.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
