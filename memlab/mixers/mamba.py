@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from memlab.mixers.base import Mixer, MixerConfig, State, check_positive, register
+from memlab.ops import scan as fused_scan
 
 
 @dataclass(kw_only=True)
@@ -57,6 +58,10 @@ class MambaConfig(MixerConfig):
     bias: bool = False
     chunk_size: int = 64
     checkpoint: bool = True  # recompute each chunk's scan in backward (memory O(T), ~1.3x compute)
+    # "auto": the fused Triton scan (memlab.ops.scan) on CUDA, the chunked PyTorch scan elsewhere;
+    # "triton": the fused scan wherever its kernels run (CUDA, or the CPU under TRITON_INTERPRET=1);
+    # "torch": the chunked PyTorch scan (the reference) everywhere.
+    scan: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +72,10 @@ class MambaConfig(MixerConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{type(self).__name__}.{name} must be a positive number, got {value!r}")
+        if self.scan not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"{type(self).__name__}.scan must be 'auto', 'triton' or 'torch', got {self.scan!r}"
+            )
         if self.dt_min > self.dt_max:
             raise ValueError(
                 f"{type(self).__name__}.dt_min={self.dt_min} must not exceed dt_max={self.dt_max}"
@@ -229,6 +238,22 @@ class Mamba(Mixer):
         dt = self.ssm_inputs(xc.transpose(1, 2))[0]
         return torch.exp(dt.unsqueeze(-1) * -torch.exp(self.A_log))
 
+    def _fused(self, xc: torch.Tensor) -> bool:
+        """Whether this call runs the fused Triton scan (see MambaConfig.scan)."""
+        mode = self.config.scan
+        if mode == "torch" or xc.dtype not in fused_scan.DTYPES:
+            return False
+        runnable = xc.is_cuda or (xc.device.type == "cpu" and fused_scan.interpreting())
+        if mode == "triton":
+            if not (runnable and fused_scan.kernels_available()):
+                raise ValueError(
+                    f"MambaConfig.scan='triton' needs CUDA or TRITON_INTERPRET=1 and working Triton kernels; "
+                    f"got a {xc.device.type} tensor"
+                )
+            return True
+        # auto: only on CUDA (the interpreter is for tests, far slower than the PyTorch scan)
+        return xc.is_cuda and fused_scan.kernels_available()
+
     def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
         self.check_input(x)
         b, t, _ = x.shape
@@ -242,6 +267,9 @@ class Mamba(Mixer):
         if t == 1:
             y, h = selective_step(xc[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], self.D, state["ssm"])
             y = y.unsqueeze(1)
+        elif self._fused(xc):
+            y, h = fused_scan.selective_scan(xc, dt, a, bm, cm, self.D, h0=state["ssm"], return_state=True)
+            h = h.to(state["ssm"].dtype)
         else:
             y, h = selective_scan(
                 xc, dt, a, bm, cm, self.D, state["ssm"], self.config.chunk_size, self.config.checkpoint

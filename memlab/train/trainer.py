@@ -193,11 +193,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Decay matrices (projections, embeddings) only: decaying gains of norms and biases pulls
-    # them towards 0, which fights the normalisation rather than regularising.
+    # them towards 0, which fights the normalisation rather than regularising. A parameter marked
+    # ``_no_weight_decay`` (Mamba's A_log and D, as its paper trains them) is never decayed.
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            wd = p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
+            (decay if wd else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -149,6 +149,16 @@ def test_time_cap_stops_evaluates_and_anneals(recorder: StepRecorder, monkeypatc
     assert all(a >= b for a, b in zip(recorder.lrs, recorder.lrs[1:], strict=False))
 
 
+def test_parameters_marked_no_weight_decay_are_not_decayed() -> None:
+    from memlab.train.trainer import _param_groups
+
+    model = LM.from_mixer("mamba", vocab_size=32, d_model=16, n_layers=1, mixer_options={"d_state": 4})
+    groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in _param_groups(model, 0.1)}
+    a_log = model.blocks[0].mixer.A_log
+    assert a_log.dim() == 2 and id(a_log) in groups[0.0] and id(a_log) not in groups[0.1]
+    assert id(model.blocks[0].mixer.in_proj.weight) in groups[0.1]
+
+
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path) -> None:
     path = tmp_path / "sub" / "model.safetensors"
     data = copy_prev(64, 12, 0)
