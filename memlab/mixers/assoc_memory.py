@@ -60,6 +60,10 @@ class AttentionalBias:
         """e: (..., D) -> (..., D) d loss / d M(k), written in closed form."""
         raise NotImplementedError
 
+    def scaled_grad(self, e: torch.Tensor, extra: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """``scale * grad(e, extra)``; subclasses fold the scale into their constants."""
+        return scale * self.grad(e, extra)
+
 
 class LpBias(AttentionalBias):
     """``||e||_p^p`` (Miras eq. 10); p=2 is the L2 regression of Titans.
@@ -87,6 +91,16 @@ class LpBias(AttentionalBias):
         if self.p > 2:
             return self.p * e * e.abs().pow(self.p - 2)
         return self.p * e * (e * e + self.eps).pow(self.p / 2 - 1)
+
+    def scaled_grad(self, e: torch.Tensor, extra: torch.Tensor | None, scale: float) -> torch.Tensor:
+        c = scale * self.p
+        if self.p == 2:
+            return c * e
+        if self.p == 3:
+            return c * (e * e.abs())
+        if self.p > 2:
+            return c * (e * e.abs().pow(self.p - 2))
+        return c * (e * (e * e + self.eps).pow(self.p / 2 - 1))
 
 
 class HuberBias(AttentionalBias):
@@ -219,13 +233,6 @@ class KLRetention(Retention):
 # The MLP memory, its forward pass and a hand-written backward pass (per token, batched).
 
 
-def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
-    """Derivative of the exact (erf) GELU z * Phi(z)."""
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
-
-
 def _layer_norm(z: torch.Tensor, eps: float) -> torch.Tensor:
     mu = z.mean(-1, keepdim=True)
     var = (z - mu).pow(2).mean(-1, keepdim=True)
@@ -239,6 +246,16 @@ def _layer_norm_backward(z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.
     r = torch.rsqrt(var + eps)
     y = (z - mu) * r
     return r * (g - g.mean(-1, keepdim=True) - y * (g * y).mean(-1, keepdim=True))
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; a bare bmm for 3-d operands (the chunk loop folds batch and heads into one dim)."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
+
+
+def causal_log_mask(n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """(n, n): 0 on and below the diagonal, -inf above (added to log-decays before exp)."""
+    return torch.full((n, n), -math.inf, dtype=dtype, device=device).triu(1)
 
 
 @dataclass(frozen=True)
@@ -261,7 +278,7 @@ def mlp_forward(
     inputs, pre = [x], []
     a = x
     for i, w in enumerate(ws):
-        z = a @ w
+        z = _mm(a, w)
         pre.append(z)
         if i < len(ws) - 1:
             a = F.gelu(z)
@@ -284,17 +301,24 @@ def mlp_backward(
     for i in reversed(range(len(ws))):
         factors.append((cache.inputs[i], d))
         if i > 0:
-            d = (d @ ws[i].transpose(-1, -2)) * _gelu_grad(cache.pre[i - 1])
+            d = torch.ops.aten.gelu_backward(_mm(d, ws[i].transpose(-1, -2)), cache.pre[i - 1])
     return factors[::-1]
 
 
 def weighted_grads(
     factors: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor
 ) -> list[torch.Tensor]:
-    """sum_n weights[s, n] * grad_n for every layer: weights (S, B, H, N) -> [(S, B, H, Din, Dout)]."""
+    """sum_n weights[s, n] * grad_n for every layer: weights (S, B, H, N) -> [(S, B, H, Din, Dout)].
+
+    One batched matmul per layer: the S weighted copies of the inputs are laid side by side,
+    (B, H, N, S * Din), and contracted with the deltas over the tokens.
+    """
+    ws = weights.movedim(0, -1)[..., None]  # (B, H, N, S, 1)
     out = []
     for a, d in factors:
-        out.append((a.unsqueeze(0) * weights[..., None]).transpose(-1, -2) @ d.unsqueeze(0))
+        aw = (a.unsqueeze(-2) * ws).flatten(-2)  # (B, H, N, S * Din)
+        g = _mm(aw.transpose(-1, -2), d)  # (B, H, S * Din, Dout)
+        out.append(g.unflatten(-2, (weights.shape[0], a.shape[-1])).movedim(-3, 0))
     return out
 
 
@@ -397,39 +421,90 @@ class AssocMemory(nn.Module):
             raise ValueError(f"log_mom must be given exactly when momentum is on (momentum={self.momentum})")
         ws = self.weights(st)
         out, cache = mlp_forward(ws, k, self.residual_norm, self.ln_eps)
-        g = self.loss_scale * self.bias.grad(out - v, extra)
-        factors = mlp_backward(ws, cache, g, self.residual_norm, self.ln_eps)
-        if self.max_grad_norm is not None:
-            # token n's gradient is outer(a_n, d_n) per layer, whose norm is |a_n| |d_n|
-            sq = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in factors)  # (B, H, N)
-            lr = lr * soft_clip_scale(sq.sqrt(), self.max_grad_norm)
+        factors = self.grad_factors(ws, cache, out, v, extra)
+        accs = [st[f"mem.w{i}"] for i in range(self.depth)]
+        moms = [st[f"mem.s{i}"] for i in range(self.depth)] if self.momentum else None
+        accs, moms = self.apply(accs, moms, factors, self.coefs(log_keep, lr, log_mom))
+        new: State = {f"mem.w{i}": acc for i, acc in enumerate(accs)}
+        if moms is not None:
+            new.update({f"mem.s{i}": mom for i, mom in enumerate(moms)})
+        return new
 
-        cum_a = log_keep.cumsum(-1)  # (B, H, N)
+    def coefs(
+        self,
+        log_keep: torch.Tensor,
+        lr: torch.Tensor,
+        log_mom: torch.Tensor | None,
+        upper: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The gate-only part of ``update`` for gates (..., N) (any leading dims, e.g. many chunks).
+
+        Returns ``(w, keep_all, c_mom, mom_all)``: w (S, ..., N) the per-token weights of the
+        gradients before the soft clip (S = 2 with momentum: accumulator then momentum, else 1),
+        the others (..., 1, 1) (c_mom, mom_all None without momentum). They depend on the gates
+        only, so a whole sequence's chunks can be done at once, outside the chunk loop.
+        ``upper`` (N, N), optional: ``causal_log_mask(N)``, when the caller has it already.
+        """
+        cum_a = log_keep.cumsum(-1)  # (..., N)
         total_a = cum_a[..., -1:]
         tail_a = total_a - cum_a  # log P_a(n+1..N) <= 0
-        keep_all = total_a.exp()[..., None]  # (B, H, 1, 1)
-        new: State = {}
+        keep_all = total_a.exp()[..., None]  # (..., 1, 1)
         if log_mom is None:
-            w = lr * tail_a.exp()
-            grads = weighted_grads(factors, w.unsqueeze(0))
-            for i in range(self.depth):
-                new[f"mem.w{i}"] = self.retention.renormalize(keep_all * st[f"mem.w{i}"] - grads[i][0])
-            return new
-        cum_e = log_mom.cumsum(-1)  # (B, H, N)
+            return (lr * tail_a.exp()).unsqueeze(0), keep_all, None, None
+        cum_e = log_mom.cumsum(-1)
         n = cum_e.shape[-1]
-        lower = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
-        diff = cum_e[..., :, None] - cum_e[..., None, :]  # [i, n] = log P_eta(n+1..i) for i >= n
-        decay_mom = torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp()  # (B, H, N, N)
-        w_acc = lr * (tail_a.exp().unsqueeze(-2) @ decay_mom).squeeze(-2)
-        w_mom = lr * (cum_e[..., -1:] - cum_e).exp()
+        # [i, n] = log P_eta(n+1..i) for i >= n, -inf above the diagonal
+        if upper is None:
+            upper = causal_log_mask(n, cum_e.dtype, cum_e.device)
+        decay_mom = (cum_e[..., :, None] - cum_e[..., None, :] + upper).exp()  # (..., N, N)
+        w_acc = _mm(tail_a.exp().unsqueeze(-2), decay_mom).squeeze(-2)
+        w_mom = decay_mom[..., -1, :]  # P_eta(n+1..N)
         c_mom = (tail_a + cum_e).exp().sum(-1)[..., None, None]
         mom_all = cum_e[..., -1:].exp()[..., None]
-        grads = weighted_grads(factors, torch.stack([w_acc, w_mom]))
-        for i in range(self.depth):
-            acc, mom = st[f"mem.w{i}"], st[f"mem.s{i}"]
-            new[f"mem.w{i}"] = self.retention.renormalize(keep_all * acc + c_mom * mom - grads[i][0])
-            new[f"mem.s{i}"] = mom_all * mom - grads[i][1]
-        return new
+        return lr * torch.stack([w_acc, w_mom]), keep_all, c_mom, mom_all
+
+    def grad_factors(
+        self,
+        ws: list[torch.Tensor],
+        cache: MLPCache,
+        out: torch.Tensor,
+        v: torch.Tensor,
+        extra: torch.Tensor | None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-token gradient factors (see ``mlp_backward``) of the bias at outputs out = M(k)."""
+        g = self.bias.scaled_grad(out - v, extra, self.loss_scale)
+        return mlp_backward(ws, cache, g, self.residual_norm, self.ln_eps)
+
+    def apply(
+        self,
+        accs: list[torch.Tensor],
+        moms: list[torch.Tensor] | None,
+        factors: list[tuple[torch.Tensor, torch.Tensor]],
+        coefs: tuple[torch.Tensor, ...],
+        norm_in: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """One chunk's closed-form update of accumulators and momenta (see ``update``).
+
+        ``norm_in`` (B, H, N), optional: the norms of the first layer's inputs (the keys),
+        when the caller has them already.
+        """
+        w, keep_all, c_mom, mom_all = coefs
+        if self.max_grad_norm is not None:
+            # token n's gradient is outer(a_n, d_n) per layer, whose norm is |a_n| |d_n|
+            norm = None
+            for i, (a, d) in enumerate(factors):
+                na = norm_in if i == 0 and norm_in is not None else torch.linalg.vector_norm(a, dim=-1)
+                term = na * torch.linalg.vector_norm(d, dim=-1)
+                norm = term if norm is None else torch.hypot(norm, term)  # (B, H, N)
+            w = w * soft_clip_scale(norm, self.max_grad_norm)
+        grads = weighted_grads(factors, w)
+        renorm = self.retention.renormalize
+        if moms is None:
+            return [renorm(keep_all * acc - g[0]) for acc, g in zip(accs, grads, strict=True)], None
+        new_accs = [
+            renorm(keep_all * acc + c_mom * mom - g[0]) for acc, mom, g in zip(accs, moms, grads, strict=True)
+        ]
+        return new_accs, [mom_all * mom - g[1] for mom, g in zip(moms, grads, strict=True)]
 
 
 def reference_update(
@@ -731,16 +806,85 @@ class NeuralMemory(nn.Module):
     def scan(self, x: torch.Tensor, st: State) -> tuple[torch.Tensor, State]:
         """Read then write every token of x (B, T, d_in): returns M(q) (B, H, T, D) and the state.
 
-        A Python loop over chunks only; within a chunk reads and the update are batched.
+        A Python loop over chunks only; within a chunk reads and the update are batched. Whole
+        chunks on the grid go through ``scan_chunks``; a partial chunk at either end through the
+        buffer (``read`` / ``absorb``).
         """
         st = dict(st)
         q, st["mem.conv_q"] = self.queries(x, st["mem.conv_q"])
         k, v, g, st["mem.conv_kv"] = self.writes(x, st["mem.conv_kv"])
-        outs = []
-        for i, m in self.pieces(st["mem.n"], x.shape[1]):
-            outs.append(self.read(st, q[:, :, i : i + m]))
-            st = self.absorb(st, k[:, :, i : i + m], v[:, :, i : i + m], g[:, :, i : i + m])
+        sd = st["mem.k"].dtype
+        q, k, v, g = q.to(sd), k.to(sd), v.to(sd), g.to(sd)
+        c, t = self.chunk_size, x.shape[1]
+        outs, i = [], 0
+        if st["mem.n"]:  # finish the pending chunk first
+            m = min(c - st["mem.n"], t)
+            outs.append(self.read(st, q[:, :, :m]))
+            st = self.absorb(st, k[:, :, :m], v[:, :, :m], g[:, :, :m])
+            i = m
+        n_full = (t - i) // c
+        if n_full:
+            j = i + n_full * c
+            reads, new = self.scan_chunks(st, q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], g[:, :, i:j])
+            outs.append(reads)
+            st.update(new)
+            i = j
+        if i < t:
+            outs.append(self.read(st, q[:, :, i:]))
+            st = self.absorb(st, k[:, :, i:], v[:, :, i:], g[:, :, i:])
         return torch.cat(outs, dim=2).to(x.dtype), st
+
+    def scan_chunks(
+        self, st: State, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        """Whole chunks (the buffer empty): q, k, v (B, H, C*N, D), g (B, H, C*N, G) in the state dtype.
+
+        Everything that does not depend on the memory (gate coefficients, key norms, the layout
+        of reads and keys) is computed once for all C chunks; the loop holds only the memory's
+        forward on [queries | keys] at the chunk-start weights, its backward and the update.
+        Returns the reads (B, H, C*N, D) and the new memory entries of the state.
+        """
+        core, c = self.core, self.chunk_size
+        b, h, t, d = q.shape
+        n_chunks = t // c
+
+        def chunked(u: torch.Tensor) -> torch.Tensor:  # (B, H, C*N, E) -> (B*H, C, N, E)
+            return u.reshape(b * h, n_chunks, c, u.shape[-1])
+
+        qk = torch.cat([chunked(q), chunked(k)], dim=2).unbind(1)  # C x (B*H, 2N, D)
+        vs = chunked(v).unbind(1)
+        gc = chunked(g)
+        mom = gc[..., 2] if self.momentum else None
+        w, keep_all, c_mom, mom_all = core.coefs(gc[..., 0], gc[..., 1], mom)
+        none = [None] * n_chunks
+        ws_c = w.unbind(2)
+        keep_c = keep_all.unbind(1)
+        c_mom_c = c_mom.unbind(1) if c_mom is not None else none
+        mom_all_c = mom_all.unbind(1) if mom_all is not None else none
+        e0 = 2 + int(self.momentum)
+        extras = gc[..., e0:].unbind(1) if self.n_gates > e0 else none
+        k_norm = (
+            torch.linalg.vector_norm(chunked(k), dim=-1).unbind(1) if core.max_grad_norm is not None else none
+        )
+        accs = [st[f"mem.w{i}"].reshape(b * h, *core.shapes[i]) for i in range(core.depth)]
+        moms = (
+            [st[f"mem.s{i}"].reshape(b * h, *core.shapes[i]) for i in range(core.depth)]
+            if self.momentum
+            else None
+        )
+        reads = []
+        for j in range(n_chunks):
+            ws = [core.retention.weights(a) for a in accs]
+            out, cache = mlp_forward(ws, qk[j], core.residual_norm, core.ln_eps)
+            reads.append(out[:, :c])
+            kcache = MLPCache([u[:, c:] for u in cache.inputs], [u[:, c:] for u in cache.pre])
+            factors = core.grad_factors(ws, kcache, out[:, c:], vs[j], extras[j])
+            coefs = (ws_c[j], keep_c[j], c_mom_c[j], mom_all_c[j])
+            accs, moms = core.apply(accs, moms, factors, coefs, k_norm[j])
+        new: State = {f"mem.w{i}": acc.reshape(b, h, *acc.shape[1:]) for i, acc in enumerate(accs)}
+        if moms is not None:
+            new.update({f"mem.s{i}": mom.reshape(b, h, *mom.shape[1:]) for i, mom in enumerate(moms)})
+        return torch.cat(reads, dim=1).view(b, h, t, d), new
 
 
 def merge_heads(t: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,11 @@ from memlab.mixers.assoc_memory import (
     AssocMemoryConfig,
     DecayRetention,
     LpBias,
+    MLPCache,
     NeuralMemory,
+    causal_log_mask,
     merge_heads,
+    mlp_forward,
 )
 from memlab.mixers.base import Mixer, State, check_positive, register
 from memlab.mixers.rope import rotary
@@ -144,9 +147,7 @@ class _Titans(Mixer):
         c = config
         self.n_heads = c.n_heads
         self.head_dim = c.d_model // c.n_heads
-        self.memory = NeuralMemory.from_config(
-            c, bias=LpBias(2.0), retention=DecayRetention(), momentum=True
-        )
+        self.memory = NeuralMemory.from_config(c, bias=LpBias(2.0), retention=DecayRetention(), momentum=True)
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model, bias=False)
         self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
         self.mem_out = nn.Linear(c.d_model, c.d_model, bias=False)
@@ -262,40 +263,208 @@ class TitansMAC(_Titans):
         qm, st["mem.conv_q"] = self.memory.queries(x, st["mem.conv_q"])
         xq, xk, xv = (self._split(p) for p in self.qkv(x).chunk(3, dim=-1))
         pk, pv = self._persistent_kv(b, x.dtype)
+        outs, i = [], 0
+        if st["mem.n"]:  # finish the pending segment through the buffers
+            m = min(seg - st["mem.n"], t)
+            y, st = self._piece(st, qm, xq, xk, xv, pk, pv, 0, m)
+            outs.append(y)
+            i = m
+        n_full = (t - i) // seg
+        if n_full:
+            j = i + n_full * seg
+            sl = slice(i, j)
+            y, st = self._segments(st, qm[:, :, sl], xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], pk, pv)
+            outs.append(y)
+            i = j
+        if i < t:
+            y, st = self._piece(st, qm, xq, xk, xv, pk, pv, i, t - i)
+            outs.append(y)
+        return torch.cat(outs, dim=1), st
+
+    def _piece(
+        self,
+        st: State,
+        qm: torch.Tensor,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        pk: torch.Tensor,
+        pv: torch.Tensor,
+        i: int,
+        m: int,
+    ) -> tuple[torch.Tensor, State]:
+        """Tokens [i, i + m) of the inputs, within one segment, through the segment buffers."""
+        x_dtype, dev = xq.dtype, xq.device
+        seg = self.config.chunk_size
         scale = 1.0 / math.sqrt(self.head_dim)
-        outs = []
-        for i, m in self.memory.pieces(st["mem.n"], t):
-            n = st["mem.n"]
-            # memory tokens: the segment's queries read the memory as of the segment's start
-            h = self.memory.read(st, qm[:, :, i : i + m]).to(x.dtype)
-            _, hk, hv = (self._split(p) for p in self.qkv(self.mem_out(merge_heads(h))).chunk(3, dim=-1))
-            new = {
-                "mac.hk": self._rope(hk, n),
-                "mac.hv": hv,
-                "mac.xk": self._rope(xk[:, :, i : i + m], n),
-                "mac.xv": xv[:, :, i : i + m],
-            }
-            buf = {
-                name: torch.cat([st[name][:, :, :n], val, st[name][:, :, n + m :]], dim=2)
-                for name, val in new.items()
-            }
-            q = self._rope(xq[:, :, i : i + m], n)
-            keys = torch.cat([pk, buf["mac.hk"], buf["mac.xk"]], dim=2)
-            vals = torch.cat([pv, buf["mac.hv"], buf["mac.xv"]], dim=2)
-            dev = x.device
-            seen = torch.arange(seg, device=dev)[None, :] <= torch.arange(n, n + m, device=dev)[:, None]
-            mask = torch.cat([torch.ones(m, pk.shape[2], dtype=torch.bool, device=dev), seen, seen], 1)
-            y = self.attn_out(
-                merge_heads(F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale))
+        n = st["mem.n"]
+        # memory tokens: the segment's queries read the memory as of the segment's start
+        h = self.memory.read(st, qm[:, :, i : i + m]).to(x_dtype)
+        _, hk, hv = (self._split(p) for p in self.qkv(self.mem_out(merge_heads(h))).chunk(3, dim=-1))
+        new = {
+            "mac.hk": self._rope(hk, n),
+            "mac.hv": hv,
+            "mac.xk": self._rope(xk[:, :, i : i + m], n),
+            "mac.xv": xv[:, :, i : i + m],
+        }
+        buf = {
+            name: torch.cat([st[name][:, :, :n], val, st[name][:, :, n + m :]], dim=2)
+            for name, val in new.items()
+        }
+        q = self._rope(xq[:, :, i : i + m], n)
+        keys = torch.cat([pk, buf["mac.hk"], buf["mac.xk"]], dim=2)
+        vals = torch.cat([pv, buf["mac.hv"], buf["mac.xv"]], dim=2)
+        seen = torch.arange(seg, device=dev)[None, :] <= torch.arange(n, n + m, device=dev)[:, None]
+        mask = torch.cat([torch.ones(m, pk.shape[2], dtype=torch.bool, device=dev), seen, seen], 1)
+        y = self.attn_out(
+            merge_heads(F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale))
+        )
+        # output gate read from the memory as of the segment's start (causal, see docstring)
+        qy, st["mac.conv_qy"] = self.memory.queries(y, st["mac.conv_qy"])
+        gate = self.gate_out(merge_heads(self.memory.read(st, qy).to(x_dtype)))
+        out = y * torch.sigmoid(gate)
+        ky, vy, gy, st["mem.conv_kv"] = self.memory.writes(y, st["mem.conv_kv"])
+        st = self.memory.absorb(st, ky, vy, gy)
+        if st["mem.n"] == 0:  # segment complete: its attention context is dropped
+            st.update({name: torch.zeros_like(val) for name, val in buf.items()})
+        else:
+            st.update(buf)
+        return out, st
+
+    def _y_projection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
+        """The memory's three projections of the attention output y as one matrix.
+
+        Rows: queries, keys of all heads, values of all heads, then the gates grouped by kind
+        (log keep, log momentum, step). Returns weight, bias, the merged conv filter (None
+        without a conv) and the permutation from the key/value conv's channel order to this one.
+        """
+        mem = self.memory
+        h, d, g = mem.n_heads, mem.head_dim, mem.n_gates
+        kv_perm = [hh * 2 * d + half * d + r for half in (0, 1) for hh in range(h) for r in range(d)]
+        gate_perm = [hh * g + kind for kind in (0, 2, 1) for hh in range(h)]
+        dev = mem.gate_proj.weight.device
+        kv_idx = torch.tensor(kv_perm, device=dev)
+        gate_idx = torch.tensor(gate_perm, device=dev)
+        weight = torch.cat(
+            [
+                mem.q_proj.proj.weight,
+                mem.kv_proj.proj.weight.index_select(0, kv_idx),
+                mem.gate_proj.weight.index_select(0, gate_idx),
+            ]
+        )
+        gb = mem.gate_proj.bias
+        bias = torch.cat([gb.new_zeros(3 * h * d), gb.index_select(0, gate_idx)])
+        conv = None
+        if mem.q_proj.kernel > 1:
+            conv = torch.cat([mem.q_proj.conv, mem.kv_proj.conv.index_select(0, kv_idx)])
+        return weight, bias, conv, kv_perm
+
+    def _segments(
+        self,
+        st: State,
+        qm: torch.Tensor,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        pk: torch.Tensor,
+        pv: torch.Tensor,
+    ) -> tuple[torch.Tensor, State]:
+        """Whole segments (the buffers empty): the same function as ``_piece`` segment by segment.
+
+        What does not depend on the memory is done once for all segments: rotary positions of
+        the segment's queries and keys, the attention mask, the merged projection of y (queries,
+        keys, values and gates of the memory in one matmul and one conv). The memory runs with
+        batch and heads folded into one dim; its reads of y's queries and the forward pass of
+        the write share one MLP call.
+        """
+        mem, core = self.memory, self.memory.core
+        b, h, t, d = xq.shape
+        x_dtype, dev = xq.dtype, xq.device
+        seg = self.config.chunk_size
+        n_seg, inner, kernel = t // seg, h * d, mem.q_proj.kernel
+        sd = st["mem.k"].dtype
+        scale = 1.0 / math.sqrt(self.head_dim)
+        pos = torch.arange(seg, device=dev)
+
+        def rope(u: torch.Tensor) -> torch.Tensor:  # (B, H, C*N, D), every segment at positions 0..N-1
+            u = u.reshape(b, h, n_seg, seg, d)
+            return (rotary(u, pos, self.config.rope_base) if self.config.rope else u).unbind(2)
+
+        qs, xks = rope(xq), rope(xk)
+        xvs = xv.reshape(b, h, n_seg, seg, d).unbind(2)
+        qms = qm.to(sd).reshape(b * h, n_seg, seg, d).unbind(1)
+        cos = sin = None
+        if self.config.rope:
+            inv = 1.0 / (
+                self.config.rope_base ** (torch.arange(0, d, 2, device=dev, dtype=torch.float64) / d)
             )
-            # output gate read from the memory as of the segment's start (causal, see docstring)
-            qy, st["mac.conv_qy"] = self.memory.queries(y, st["mac.conv_qy"])
-            gate = self.gate_out(merge_heads(self.memory.read(st, qy).to(x.dtype)))
-            outs.append(y * torch.sigmoid(gate))
-            ky, vy, gy, st["mem.conv_kv"] = self.memory.writes(y, st["mem.conv_kv"])
-            st = self.memory.absorb(st, ky, vy, gy)
-            if st["mem.n"] == 0:  # segment complete: its attention context is dropped
-                st.update({name: torch.zeros_like(val) for name, val in buf.items()})
-            else:
-                st.update(buf)
+            ang = pos.to(torch.float64)[:, None] * inv[None, :]
+            cos, sin = ang.cos().to(x_dtype), ang.sin().to(x_dtype)
+        causal = pos[None, :] <= pos[:, None]
+        mask = torch.cat([torch.ones(seg, pk.shape[2], dtype=torch.bool, device=dev), causal, causal], 1)
+        dm = self.config.d_model
+        # memory tokens' keys and values: the k, v rows of qkv after mem_out, as one matrix
+        w_kv = (self.qkv.weight[dm:] @ self.mem_out.weight).to(x_dtype)
+        w_attn, w_gate = self.attn_out.weight.to(x_dtype), self.gate_out.weight.to(x_dtype)
+        upper = causal_log_mask(seg, sd, dev)
+        w_y, b_y, conv, kv_perm = self._y_projection()
+        w_y, b_y = w_y.to(x_dtype), b_y.to(x_dtype)
+        if conv is not None:
+            conv = conv.to(x_dtype)[:, 0]  # (C, K): depthwise, y[t] = sum_k conv[:, k] x[t + k]
+            conv_kv = st["mem.conv_kv"]
+            cs = torch.cat([st["mac.conv_qy"].to(x_dtype), conv_kv[..., kv_perm].to(x_dtype)], dim=-1)
+        accs = [st[f"mem.w{i}"].reshape(b * h, *core.shapes[i]) for i in range(core.depth)]
+        moms = [st[f"mem.s{i}"].reshape(b * h, *core.shapes[i]) for i in range(core.depth)]
+        lr_max = mem.lr_max
+        outs = []
+        for j in range(n_seg):
+            ws = [core.retention.weights(a) for a in accs]
+            hm = mlp_forward(ws, qms[j], core.residual_norm, core.ln_eps)[0]
+            if hm.dtype != x_dtype:
+                hm = hm.to(x_dtype)
+            hkv = F.linear(hm.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), w_kv)
+            hk = hkv[:, :dm].view(b, seg, h, d).transpose(1, 2)
+            hv = hkv[:, dm:].view(b, seg, h, d).transpose(1, 2)
+            if cos is not None:
+                h1, h2 = hk[..., : d // 2], hk[..., d // 2 :]
+                hk = torch.cat([h1 * cos - h2 * sin, h1 * sin + h2 * cos], dim=-1)
+            keys = torch.cat([pk, hk, xks[j]], dim=2)
+            vals = torch.cat([pv, hv, xvs[j]], dim=2)
+            att = F.scaled_dot_product_attention(qs[j], keys, vals, attn_mask=mask, scale=scale)
+            y = F.linear(att.transpose(1, 2).reshape(b * seg, dm), w_attn)  # (B*N, d_model)
+            u = F.linear(y, w_y, b_y).view(b, seg, -1)  # (B, N, 3 inner + 3 H)
+            a = u[..., : 3 * inner]
+            if conv is not None:
+                full = torch.cat([cs, a], dim=1)
+                a = (full.unfold(1, kernel, 1) * conv).sum(-1)
+                cs = full[:, seg:]
+            a = F.silu(a)
+            # [queries of y | keys of y] of every (batch, head): one MLP pass at the segment-start memory
+            qk_y = F.normalize(a[..., : 2 * inner].reshape(b, seg, 2 * h, d), dim=-1)
+            qk_y = qk_y.view(b, seg, 2, h, d).permute(0, 3, 2, 1, 4).reshape(b * h, 2 * seg, d)
+            vy = a[..., 2 * inner :].reshape(b, seg, h, d).transpose(1, 2).reshape(b * h, seg, d)
+            pre = u[..., 3 * inner :]
+            log_g = (
+                F.logsigmoid(pre[..., : 2 * h]).view(b, seg, 2, h).permute(2, 0, 3, 1).reshape(2, b * h, seg)
+            )
+            lr = (lr_max * torch.sigmoid(pre[..., 2 * h :])).transpose(1, 2).reshape(b * h, seg)
+            if sd != x_dtype:
+                qk_y, vy, log_g, lr = qk_y.to(sd), vy.to(sd), log_g.to(sd), lr.to(sd)
+            out, cache = mlp_forward(ws, qk_y, core.residual_norm, core.ln_eps)
+            read_y = out[:, :seg]
+            if read_y.dtype != x_dtype:
+                read_y = read_y.to(x_dtype)
+            gate = F.linear(read_y.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), w_gate)
+            outs.append((y * torch.sigmoid(gate)).view(b, seg, dm))
+            kcache = MLPCache([c[:, seg:] for c in cache.inputs], [c[:, seg:] for c in cache.pre])
+            factors = core.grad_factors(ws, kcache, out[:, seg:], vy, None)
+            accs, moms = core.apply(accs, moms, factors, core.coefs(log_g[0], lr, log_g[1], upper))
+        st.update({f"mem.w{i}": acc.reshape(b, h, *acc.shape[1:]) for i, acc in enumerate(accs)})
+        st.update({f"mem.s{i}": mom.reshape(b, h, *mom.shape[1:]) for i, mom in enumerate(moms)})
+        if conv is not None:
+            inv_perm = [0] * len(kv_perm)
+            for new_i, old_i in enumerate(kv_perm):
+                inv_perm[old_i] = new_i
+            st["mac.conv_qy"] = cs[..., :inner].to(st["mac.conv_qy"].dtype)
+            st["mem.conv_kv"] = cs[..., inner:][..., inv_perm].to(conv_kv.dtype)
         return torch.cat(outs, dim=1), st
