@@ -38,6 +38,33 @@ k_L(c) = R(W_k e) + sum_j softmax_j(R(q_L) . k_j / sqrt(D)) k_j. A query's landm
 then its learned bias towards landmarks plus an attention-weighted mean of its scores with the
 block's tokens: a high score to any token inside the block raises the block's landmark score.
 
+Positions in "topk" mode (``position_mapping``). With ``"exact"`` every key keeps its true
+position, so a query reaching a block far back sees a relative distance never met in training.
+``"stingy"`` is the paper's stingy position mapping (Mohtashami & Jaggi 2023, positional encoding; the
+rule below is the one in the authors' inference code, epfml/landmark-attention
+``models/caches/mem_cache.py`` and ``llama/llama_mem.py``), adapted to this module, where a
+query's local context is its own block b and every earlier block is reached through retrieval.
+A prefix of k + 1 block slots, blocks b-k-1 .. b-1 (k = ``top_k``), sits just before block b,
+and the query and its own block keep their true positions:
+
+- landmark scoring (block selection): the latest k blocks b-k .. b-1 keep their true slots;
+  every older block is scored as if it sat in the first slot, block b-k-1. A past block c is
+  placed at block max(c, b-k-1).
+- attention over the retrieved blocks: the q retrieved blocks (q = min(top_k, past blocks)),
+  sorted by block id, fill the prefix in that order; the r-th of them (r = 0 .. q-1) goes to
+  block b - q - 1 + r, one slot later (b - q + r) if it is one of the latest k blocks. So the
+  retrieved old blocks take the first slots, the retrieved recent ones the last slots; when the
+  retrieved blocks are exactly the latest ones (always so at the start of a sequence) every
+  position is true. Landmark and tokens of a block move together.
+
+A query thus never sees a relative distance above (top_k + 2) * block_size - 1, however long
+the sequence. A block moved by delta positions has its rotated keys (and its landmark key, an
+attention read of those keys) rotated by a further delta; the module rotates the query by
+-delta instead, which gives the same scores, so the cache keeps keys at their true positions
+and forward, chunked calls and decoding still agree. ``last_mapped`` holds the block each
+retrieved block was placed at. The mapping only acts in "topk" mode with rope; "grouped" (the
+training form) always uses true positions.
+
 State (grows with T): rotated keys and values of the cached tokens, the landmark keys of the
 cached complete blocks, ``start`` (first cached position, a block boundary) and ``pos``.
 With ``memory_blocks`` the cache keeps only the last ``memory_blocks`` complete blocks and the
@@ -56,6 +83,7 @@ from memlab.mixers.base import Mixer, MixerConfig, State, check_divides, check_p
 from memlab.mixers.rope import rotary
 
 MODES = ("grouped", "topk")
+POSITION_MAPPINGS = ("exact", "stingy")
 _QUERY_CHUNK = 256  # top-k mode gathers retrieved blocks for this many queries at a time
 
 
@@ -66,6 +94,9 @@ class LandmarkConfig(MixerConfig):
     top_k: int = 4  # blocks retrieved per query and head in "topk" mode; the paper's k
     mode: str = "grouped"  # "grouped" (every past block) or "topk" (retrieval)
     memory_blocks: int | None = None  # complete blocks kept in the cache; None keeps all
+    # positions of retrieved blocks in "topk" mode: "exact" (true positions) or "stingy" (the
+    # paper's bounded mapping for inference beyond the training length); ignored by "grouped"
+    position_mapping: str = "exact"
     rope: bool = True
     rope_base: float = 10000.0
     bias: bool = False
@@ -76,6 +107,11 @@ class LandmarkConfig(MixerConfig):
         check_divides(self, "n_heads", "d_model")
         if self.mode not in MODES:
             raise ValueError(f"LandmarkConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.position_mapping not in POSITION_MAPPINGS:
+            raise ValueError(
+                f"LandmarkConfig.position_mapping must be one of {POSITION_MAPPINGS}, "
+                f"got {self.position_mapping!r}"
+            )
         if self.memory_blocks is not None:
             check_positive(self, "memory_blocks")
             if self.top_k > self.memory_blocks:
@@ -105,6 +141,26 @@ def select_top_blocks(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tupl
     return idx, ok
 
 
+def stingy_retrieved_blocks(
+    q_block: torch.Tensor, blocks: torch.Tensor, ok: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """Where the stingy mapping places each retrieved block (see the module docstring).
+
+    q_block: (T,) block of each query; blocks: (..., T, k) absolute ids of the retrieved blocks
+    in any order; ok: (..., T, k) bool, False for empty slots. Returns (..., T, k) absolute block
+    ids of the slots they take: the r-th valid block in increasing id order, of q valid ones,
+    goes to q_block - q - 1 + r, plus one when it is among the latest top_k blocks. Empty slots
+    give -1.
+    """
+    before = (blocks[..., None, :] < blocks[..., :, None]) & ok[..., None, :]
+    rank = before.sum(-1)  # how many valid retrieved blocks are older
+    n_valid = ok.sum(-1, keepdim=True)
+    qb = q_block[:, None]
+    recent = blocks >= qb - top_k
+    mapped = qb - n_valid - 1 + rank + recent.long()
+    return torch.where(ok, mapped, -1)
+
+
 @register("landmark")
 class Landmark(Mixer):
     """Landmark attention: grouped softmax over landmark-gated blocks, top-k block retrieval."""
@@ -128,6 +184,7 @@ class Landmark(Mixer):
         """Zero the read counters (kept in eval mode only). Sums are over (batch, head, query)."""
         self.stats = {"queries": 0, "landmarks_scanned": 0, "retrieved_tokens": 0, "local_tokens": 0}
         self.last_retrieved: torch.Tensor | None = None
+        self.last_mapped: torch.Tensor | None = None
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -135,6 +192,32 @@ class Landmark(Mixer):
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return rotary(x, positions, self.config.rope_base) if self.config.rope else x
+
+    def _rotate_each(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate every vector of x: (..., D) by its own position, positions: x.shape[:-1]."""
+        if not self.config.rope:
+            return x
+        d = x.shape[-1]
+        return rotary(x.reshape(-1, d), positions.reshape(-1), self.config.rope_base).view(x.shape)
+
+    @property
+    def _stingy(self) -> bool:
+        return self.config.position_mapping == "stingy" and self.config.rope
+
+    def _stingy_gate(
+        self, q: torch.Tensor, lk: torch.Tensor, gate: torch.Tensor, q_pos: torch.Tensor, first_block: int
+    ) -> torch.Tensor:
+        """Landmark scores with every block older than the latest top_k scored from the prefix's
+        first slot, block anchor = q_block - top_k - 1. gate: (B, H, T, n) scores at true
+        positions. With keys rotated at true positions, q . R(delta) lk_c = R(-anchor) q .
+        R(-c) lk_c (rotations in units of block_size positions)."""
+        bs, n = self.config.block_size, lk.shape[2]
+        anchor = q_pos // bs - self.config.top_k - 1  # (T,)
+        blocks = torch.arange(first_block, first_block + n, device=q.device)
+        q_anchor = self._rotate(q, -anchor * bs)
+        lk_free = self._rotate(lk, -blocks * bs)  # landmark keys moved to block 0
+        gate_old = (q_anchor @ lk_free.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        return torch.where(blocks[None, :] < anchor[:, None], gate_old, gate)
 
     def project(self, x: torch.Tensor, pos0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, T, d_model) at positions pos0.. -> rotated q, k and v, each (B, H, T, D)."""
@@ -218,10 +301,22 @@ class Landmark(Mixer):
         bs, scale = self.config.block_size, 1.0 / math.sqrt(d)
         n, s_len = lk.shape[2], k.shape[2]
         gate = (q @ lk.transpose(-1, -2)) * scale  # (B, H, T, n): the only all-block scan
+        stingy = self._stingy
+        if stingy:
+            gate = self._stingy_gate(q, lk, gate, q_pos, start // bs)
         past_ok = self._past_blocks(q_pos, start // bs, n)
         top = min(self.config.top_k, n)
         idx, ok = select_top_blocks(gate, past_ok, top)  # (B, H, T, top)
         self.last_retrieved = torch.where(ok, idx + start // bs, -1)
+        self.last_mapped = self.last_retrieved
+        if stingy and top > 0:
+            self.last_mapped = stingy_retrieved_blocks(
+                q_pos // bs, idx + start // bs, ok, self.config.top_k
+            )
+            # each retrieved block moves forward by shift positions; the query turns back instead
+            shift = torch.where(ok, self.last_mapped - self.last_retrieved, 0) * bs
+            shiftf = shift.reshape(b * h, t, top)
+            lkf = lk.reshape(b * h, n, d)
         # the query's own block: slots q_block * bs + j, read up to the query itself
         slots = (q_pos // bs)[:, None] * bs + torch.arange(bs, device=q.device)[None, :]  # (T, bs)
         local_ok = slots <= q_pos[:, None]
@@ -242,8 +337,13 @@ class Landmark(Mixer):
             parts, values = [s_loc], [v_loc]
             if top > 0:
                 k_ret, v_ret = kb[rows, idxf[:, cs]], vb[rows, idxf[:, cs]]  # (BH, Tc, top, bs, D)
-                s_ret = torch.einsum("ntd,ntkjd->ntkj", qc, k_ret) * scale
-                g = gf[:, cs].gather(-1, idxf[:, cs])
+                if stingy:  # the query rotated back by each retrieved block's shift
+                    q_ret = self._rotate_each(qc[:, :, None].expand(-1, -1, top, -1), -shiftf[:, cs])
+                    s_ret = torch.einsum("ntkd,ntkjd->ntkj", q_ret, k_ret) * scale
+                    g = torch.einsum("ntkd,ntkd->ntk", q_ret, lkf[rows, idxf[:, cs]]) * scale
+                else:
+                    s_ret = torch.einsum("ntd,ntkjd->ntkj", qc, k_ret) * scale
+                    g = gf[:, cs].gather(-1, idxf[:, cs])
                 past = s_ret - torch.logsumexp(s_ret, -1, keepdim=True) + g[..., None]
                 past = torch.where(okf[:, cs, :, None], past, float("-inf"))
                 parts.append(past.flatten(-2))
