@@ -64,6 +64,11 @@ def ragged_decode(
     )
 
 
+# Query block of the dense first-chunk attention when it needs an explicit mask (streaming
+# heads): bounds the (block, S) boolean and additive masks SDPA builds.
+DENSE_QUERY_BLOCK = 512
+
+
 class HeadGroup:
     """Keys and values of some KV heads of one layer, with a length per (batch, head)."""
 
@@ -428,10 +433,16 @@ class KVLayer(CacheLayerMixin):
             for gi, g in enumerate(self.groups):
                 qh = self.query_heads(g, h, hkv)
                 win, snk = windows[gi] if windows[gi] is not None else (None, 0)
-                out[:, :, qh] = dense_causal(
-                    query[:, qh], k_new[:, g.heads], v_new[:, g.heads], None if mask2d is None else valid,
-                    scale, window=win, sinks=snk,
-                )
+                qg, kg, vg = query[:, qh], k_new[:, g.heads], v_new[:, g.heads]
+                # A window needs an explicit (T, S) mask: queries go in blocks, each over the
+                # keys up to its last query, so the mask stays (block, S) (same result per query).
+                block = tq if win is None else DENSE_QUERY_BLOCK
+                for start in range(0, tq, block):
+                    end = min(start + block, tq)
+                    out[:, start:end, qh] = dense_causal(
+                        qg[:, :, start:end], kg[:, :, :end], vg[:, :, :end],
+                        None if mask2d is None else valid[:, :end], scale, window=win, sinks=snk,
+                    )
         else:
             out = torch.empty_like(q)
             for gi, g in enumerate(self.groups):
@@ -470,30 +481,30 @@ class KVLayer(CacheLayerMixin):
     def _accumulate_mass(self, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Add each new query's attention probabilities to the rows it reads (H2O's statistic).
 
-        q: (B, Tq, H, D); pos, valid: (B, Tq). Queries go in blocks to bound the (T, S) scores.
+        q: (B, Tq, H, D); pos, valid: (B, Tq). Queries go in blocks, and KV heads one at a time,
+        to bound the (R, block, S) scores; the logits are scaled and masked in place, so one
+        float32 buffer lives besides the softmax output.
         """
-        b, tq, h, d = q.shape
-        hkv = self.cache.n_kv_heads
-        r = h // hkv
+        tq, h = q.shape[1], q.shape[2]
+        r = h // self.cache.n_kv_heads
         block = 256
         for g in self.groups:
-            qh = self.query_heads(g, h, hkv)
-            gsz = len(g.heads)
-            kf = g.keys.float().permute(0, 2, 3, 1)  # (B, G, D, S)
             rowvalid = (torch.arange(g.rows, device=q.device)[None, :, None] < g.lengths[:, None, :])
-            kpos = g.positions.permute(0, 2, 1)[:, :, None, None, :]  # (B, G, 1, 1, S)
-            rv = rowvalid.permute(0, 2, 1)[:, :, None, None, :]
-            for start in range(0, tq, block):
-                qs = q[:, start : start + block, qh].float()  # (B, t, G*R, D)
-                t = qs.shape[1]
-                qs = qs.view(b, t, gsz, r, d).permute(0, 2, 3, 1, 4)  # (B, G, R, t, D)
-                logits = torch.matmul(qs, kf[:, :, None]) * scale  # (B, G, R, t, S)
-                qp = pos[:, start : start + block][:, None, None, :, None]
-                qv = valid[:, start : start + block][:, None, None, :, None]
-                vis = rv & (kpos <= qp) & qv
-                probs = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1)
-                probs = torch.nan_to_num(probs, nan=0.0)
-                g.mass += probs.sum(dim=(2, 3)).permute(0, 2, 1)  # (B, S, G)
+            for j, head in enumerate(g.heads):
+                kf = g.keys[:, :, j].float().permute(0, 2, 1)[:, None]  # (B, 1, D, S)
+                kpos = g.positions[:, None, None, :, j]  # (B, 1, 1, S)
+                rv = rowvalid[:, None, None, :, j]  # (B, 1, 1, S)
+                for start in range(0, tq, block):
+                    qs = q[:, start : start + block, head * r : head * r + r].float()  # (B, t, R, D)
+                    qs = qs.permute(0, 2, 1, 3)  # (B, R, t, D)
+                    logits = torch.matmul(qs, kf).mul_(scale)  # (B, R, t, S)
+                    qp = pos[:, start : start + block][:, None, :, None]
+                    qv = valid[:, start : start + block][:, None, :, None]
+                    hidden = ~(rv & (kpos <= qp) & qv)  # (B, 1, t, S)
+                    probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
+                    del logits, hidden
+                    g.mass[:, :, j] += probs.nan_to_num_(nan=0.0).sum(dim=(1, 2))  # (B, S)
+                    del probs
 
     def compress(self, scale: float, phase: str) -> None:
         """Evict rows above the budget of this phase (see the module docstring)."""

@@ -93,15 +93,18 @@ class Observation:
         r = self.group_size
         q = self.queries.float().view(b, w, g, r, d).permute(0, 2, 3, 1, 4)  # (B, G, R, W, D)
         k = self.keys.float().permute(0, 2, 3, 1)  # (B, G, D, S)
-        logits = torch.matmul(q, k[:, :, None]) * self.scale  # (B, G, R, W, S)
+        # In place where possible, so that one (B, G, R, W, S) float32 buffer lives besides the
+        # softmax output (the values are those of the out-of-place expressions).
+        logits = torch.matmul(q, k[:, :, None]).mul_(self.scale)  # (B, G, R, W, S)
+        del q, k
         kpos = self.positions.permute(0, 2, 1)[:, :, None, None, :]  # (B, G, 1, 1, S)
         qpos = self.query_positions[:, None, None, :, None]  # (B, 1, 1, W, 1)
         visible = self.valid.permute(0, 2, 1)[:, :, None, None, :] & (kpos <= qpos)
         visible = visible & self.query_valid[:, None, None, :, None]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
+        del logits, visible
         # Rows of a query that sees nothing are all -inf: softmax gives NaN, which means "no vote".
-        return torch.nan_to_num(probs, nan=0.0)
+        return probs.nan_to_num_(nan=0.0)
 
 
 def pool1d(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:

@@ -37,14 +37,15 @@ def preference_terms(obs: Observation, window: int) -> tuple[torch.Tensor, torch
 
     Both use the window queries' attention to the tokens outside the window.
     """
-    probs = obs.window_probs()  # (B, G, R, W, S)
+    # (B, G, R, W, S) buffers are updated in place (same values as the plain expressions), so
+    # that at most two of them live at once.
     outside = (obs.valid & ~obs.recent(window)).permute(0, 2, 1)[:, :, None, None, :]  # (B, G, 1, 1, S)
-    p = probs * outside
-    entropy = -(p * torch.log(p + 1e-10)).sum(dim=(1, 2, 3, 4))
+    p = obs.window_probs().mul_(outside)  # (B, G, R, W, S)
+    entropy = -(p.add(1e-10).log_().mul_(p)).sum(dim=(1, 2, 3, 4))
     n_q = obs.query_valid.sum(dim=1).clamp(min=1).to(p.dtype)  # (B,)
     mean = p.sum(dim=3, keepdim=True) / n_q[:, None, None, None, None]
     qv = obs.query_valid[:, None, None, :, None]
-    var = (((p - mean) ** 2) * qv).sum(dim=3) / n_q[:, None, None, None]  # (B, G, R, S)
+    var = p.sub_(mean).pow_(2).mul_(qv).sum(dim=3) / n_q[:, None, None, None]  # (B, G, R, S)
     return entropy, var.sum(dim=(1, 2, 3))
 
 
@@ -93,7 +94,9 @@ class CAKE(Policy):
         n_q = obs.query_valid.sum(dim=1).clamp(min=1).to(probs.dtype)[:, None, None, None]
         mean = probs.sum(dim=3) / n_q  # (B, G, R, S)
         qv = obs.query_valid[:, None, None, :, None]
-        var = (((probs - mean[:, :, :, None]) ** 2) * qv).sum(dim=3) / n_q
+        # In place on the probabilities (not needed after the mean): the same values, one buffer.
+        var = probs.sub_(mean[:, :, :, None]).pow_(2).mul_(qv).sum(dim=3) / n_q
+        del probs
         indicator = mean + self.gamma * var
         b, g, r, s = indicator.shape
         pooled = pool1d(indicator.permute(0, 3, 1, 2).reshape(b, s, g * r), self.kernel, "avg")
