@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -34,6 +35,7 @@ import torch
 from memlab.bench.jobs.kv_niah import aggregate, evaluate, policy_specs
 from memlab.bench.measure import device_name
 from memlab.kvcache import KVCache, generate, policies, run_prompt
+from memlab.kvcache.attention import active_layers
 from memlab.kvcache.calibrate import calibrate_duo
 from memlab.kvcache.policies.duo import load_gates, save_gates
 from memlab.models.pretrained import load
@@ -262,6 +264,10 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                 results[key] = {"skipped": "time budget"}
                 continue
             try:
+                # Nothing of the previous configuration may stay alive into this one's peak: the
+                # attention hook keeps the last cache's layers, and caches hold reference cycles.
+                active_layers().clear()
+                gc.collect()
                 policy = policies.build(name, **{k: v for k, v in cfg.items()})
                 if device.type == "cuda":
                     torch.cuda.synchronize()
