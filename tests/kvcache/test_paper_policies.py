@@ -210,6 +210,15 @@ def test_alisa_keeps_local_and_recently_attended_tokens() -> None:
     assert cache.nbytes() == kv_bytes(model, 16)
 
 
+def test_alisa_default_host_tier_holds_at_most_the_device_budget() -> None:
+    model = tiny_model("llama", layers=2)
+    cache = KVCache(model.config, policy=policies.build("alisa", tokens=8, history=4))
+    prefill(model, random_ids(1, 40), cache)
+    for (layer, group), tier in cache.state["alisa_host"].items():
+        kept = cache.layers[layer].groups[group].lengths
+        assert int(tier["lengths"].max()) <= int(kept.max()) == 8
+
+
 def test_alisa_offloads_evicted_tokens_and_caps_the_host_tier() -> None:
     model = tiny_model("llama", layers=2)
     cache = KVCache(model.config, policy=policies.build("alisa", tokens=12, history=4, host_tokens=20))

@@ -111,7 +111,9 @@ class ALISA(Policy):
             new = _concat_tiers(tier, new)
         cap = self.host_tokens
         if cap is None:
-            cap = int(g.lengths.max())
+            # "as many as the device budget": the rows the device keeps after this eviction
+            # (g.lengths still counts the evicted rows here).
+            cap = int((g.lengths - n_ev).max())
         new = _trim_tier(new, cap)
         cache.state["alisa_host"][(layer, group)] = new
 
