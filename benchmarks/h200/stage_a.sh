@@ -6,7 +6,7 @@ $P /tmp/fla_site .whl/fla/*.whl
 $P /tmp/titans_site .whl/titans/*.whl .whl/fla/einops-*.whl
 T=${T:-280}
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$PWD:/tmp/titans_site timeout "$T" python3 benchmarks/titans_peer.py \
-  --out "$OUT/titans" --train-budget "${TITANS_BUDGET:-60}" > "$OUT/titans.log" 2>&1 &
+  --out "$OUT/titans" --train-budget "${TITANS_BUDGET:-50}" > "$OUT/titans.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$PWD:/tmp/fla_site timeout "$T" python3 benchmarks/mixers_fla.py \
   --out "$OUT/fla" --budget-s $((T - 45)) > "$OUT/fla.log" 2>&1 &
 for g in 2 3; do
