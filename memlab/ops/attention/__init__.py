@@ -17,8 +17,6 @@ missing or broken Triton never breaks ``import memlab``. The kernels are registe
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -26,6 +24,7 @@ import torch
 from torch import Tensor
 
 from memlab.ops.attention.reference import attention_reference, decode_reference
+from memlab.ops.lazy_kernels import LazyKernels, describe, interpreting
 
 __all__ = ["attention", "decode", "attention_reference", "decode_reference", "kernels_available"]
 
@@ -34,57 +33,28 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 BACKWARD_HEAD_DIMS = (16, 32, 64, 128)
 
-_kernel_modules: dict[str, ModuleType] = {}
-_import_error: list[BaseException] = []
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_KERNELS = LazyKernels("flash2", ("memlab.ops.attention.triton", "memlab.ops.attention.decode_triton"))
+_interpreting = interpreting
+_describe = describe
 
 
 def _kernels(name: str) -> ModuleType:
-    """Import memlab.ops.attention.<name> (a Triton module) on first use."""
-    if name not in _kernel_modules:
-        import importlib
-
-        _kernel_modules[name] = importlib.import_module(f"memlab.ops.attention.{name}")
-    return _kernel_modules[name]
+    """memlab.ops.attention.<name> (a Triton module), imported on first use."""
+    return _KERNELS.module(f"memlab.ops.attention.{name}")
 
 
 def kernels_available() -> bool:
     """Whether the Triton kernels import (Triton installed and working)."""
-    if _import_error:
-        return False
-    try:
-        _kernels("triton")
-        _kernels("decode_triton")
-    except Exception as exc:  # any failure inside Triton's import machinery means "no kernels"
-        _import_error.append(exc)
-        return False
-    return True
+    return _KERNELS.available()
 
 
 def _use_kernels(x: Tensor) -> bool:
-    if x.dtype not in KERNEL_DTYPES:
-        return False
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
-        return False
-    if kernels_available():
-        return True
-    if x.is_cuda:
-        warnings.warn(
-            f"flash2 Triton kernels unavailable ({_import_error[0]!r}); using the PyTorch reference",
-            stacklevel=3,
-        )
-    return False
+    return x.dtype in KERNEL_DTYPES and _KERNELS.use(x)
 
 
 # ----------------------------------------------------------------------------------------------
 # input checks
 
-
-def _describe(x: Tensor) -> str:
-    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
 
 
 def _check_tensor(name: str, x: object, ndim: int, letters: str) -> Tensor:

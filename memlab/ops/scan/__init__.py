@@ -13,68 +13,40 @@ on first use, so a missing or broken Triton never breaks ``import memlab``.
 
 from __future__ import annotations
 
-import os
-import warnings
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from memlab.ops.lazy_kernels import LazyKernels, describe, interpreting
 from memlab.ops.scan.reference import selective_scan_reference
 
-__all__ = ["selective_scan", "selective_scan_reference", "kernels_available", "MAX_STATE"]
+__all__ = ["selective_scan", "selective_scan_reference", "kernels_available", "MAX_STATE", "interpreting"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STATE = 256  # largest N: the kernels hold (channels, N) state tiles in registers
 
-_kernel_modules: dict[str, ModuleType] = {}
-_import_error: list[BaseException] = []
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_KERNELS = LazyKernels("selective-scan", ("memlab.ops.scan.triton",))
+_describe = describe
 
 
 def _kernels() -> ModuleType:
-    """Import memlab.ops.scan.triton on first use."""
-    if "triton" not in _kernel_modules:
-        import importlib
-
-        _kernel_modules["triton"] = importlib.import_module("memlab.ops.scan.triton")
-    return _kernel_modules["triton"]
+    """memlab.ops.scan.triton, imported on first use."""
+    return _KERNELS.module("memlab.ops.scan.triton")
 
 
 def kernels_available() -> bool:
     """Whether the Triton kernels import (Triton installed and working)."""
-    if _import_error:
-        return False
-    try:
-        _kernels()
-    except Exception as exc:  # any failure inside Triton's import machinery means "no kernels"
-        _import_error.append(exc)
-        return False
-    return True
+    return _KERNELS.available()
 
 
 def _use_kernels(x: Tensor) -> bool:
-    if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
-        return False
-    if kernels_available():
-        return True
-    if x.is_cuda:
-        warnings.warn(
-            f"selective-scan Triton kernels unavailable ({_import_error[0]!r}); using the PyTorch reference",
-            stacklevel=3,
-        )
-    return False
+    return _KERNELS.use(x)
 
 
 # ----------------------------------------------------------------------------------------------
 # input checks
 
-
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 def _check(name: str, t: object, shape: tuple[int, ...], letters: str, device: torch.device) -> Tensor:
