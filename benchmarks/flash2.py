@@ -77,6 +77,30 @@ def time_ms(
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+class Graphed:
+    """``calls`` back-to-back calls of ``fn`` captured in one CUDA graph on first use, then replayed.
+
+    Timing the replay measures the GPU work of a decoding step without the host's launch time
+    (what a serving loop that replays graphs pays); ``run_case`` divides by ``calls``."""
+
+    def __init__(self, fn: Callable[[], Any], calls: int = 10) -> None:
+        self.fn, self.calls, self.graph = fn, calls, None
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                for _ in range(self.calls):
+                    self.fn()
+        self.graph.replay()
+
+
 @dataclass
 class Run:
     args: argparse.Namespace
@@ -351,14 +375,20 @@ def callables(c: Case) -> dict[str, Callable[[], Any]]:
             return {"decode": lambda: decode_fwd(q, k, v, lengths, scale=c.d**-0.5, window=None, sinks=0,
                                                  block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pps)}
         if c.impl == "flash2":
-            return {"decode": lambda: decode(q, k, v, lengths, check_lengths=False),
-                    "decode_checked": lambda: decode(q, k, v, lengths)}
+            def step():
+                return decode(q, k, v, lengths, check_lengths=False)
+
+            return {"decode": step, "decode_checked": lambda: decode(q, k, v, lengths),
+                    "decode_graph": Graphed(step)}
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if c.impl.startswith("sdpa"):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             if c.impl == "sdpa":  # PyTorch's own choice of backend
-                return {"decode": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)}
+                def sdpa_step():
+                    return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+                return {"decode": sdpa_step, "decode_graph": Graphed(sdpa_step)}
             backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
                        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -520,7 +550,7 @@ def run_case(run: Run, c: Case, rep: int) -> None:
             causal=c.causal, window=c.window, ragged=c.ragged, cfg=c.extra.get("cfg"),
         )
         try:
-            ms = time_ms(fn, rep, setup=getattr(fn, "setup", None))
+            ms = time_ms(fn, rep, setup=getattr(fn, "setup", None)) / getattr(fn, "calls", 1)
         except Exception as exc:
             rec["error"] = repr(exc)[:300]
             run.add(**rec)
