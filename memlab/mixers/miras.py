@@ -35,15 +35,17 @@ from torch import nn
 
 from memlab.mixers.assoc_memory import (
     AssocMemoryConfig,
+    NeuralMemory,
+    merge_heads,
+)
+from memlab.mixers.assoc_objectives import (
     AttentionalBias,
     DecayRetention,
     HuberBias,
     KLRetention,
     LpBias,
     LqRetention,
-    NeuralMemory,
     Retention,
-    merge_heads,
 )
 from memlab.mixers.base import Mixer, State, register
 

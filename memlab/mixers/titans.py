@@ -38,13 +38,15 @@ from torch import nn
 
 from memlab.mixers.assoc_memory import (
     AssocMemoryConfig,
-    DecayRetention,
-    LpBias,
     MLPCache,
     NeuralMemory,
     causal_log_mask,
     merge_heads,
     mlp_forward,
+)
+from memlab.mixers.assoc_objectives import (
+    DecayRetention,
+    LpBias,
 )
 from memlab.mixers.base import Mixer, State, check_positive, register
 from memlab.mixers.rope import rotary

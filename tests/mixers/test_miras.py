@@ -11,6 +11,9 @@ import torch
 from memlab import mixers
 from memlab.mixers.assoc_memory import (
     AssocMemory,
+    reference_update,
+)
+from memlab.mixers.assoc_objectives import (
     AttentionalBias,
     DecayRetention,
     HuberBias,
@@ -18,7 +21,6 @@ from memlab.mixers.assoc_memory import (
     LpBias,
     LqRetention,
     Retention,
-    reference_update,
 )
 
 DT = torch.float64

@@ -11,13 +11,15 @@ import torch
 from memlab import mixers
 from memlab.mixers.assoc_memory import (
     AssocMemory,
-    DecayRetention,
-    LpBias,
     NeuralMemory,
     mlp_backward,
     mlp_forward,
     reference_update,
     weighted_grads,
+)
+from memlab.mixers.assoc_objectives import (
+    DecayRetention,
+    LpBias,
 )
 from memlab.mixers.titans import window_attention
 
