@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # memlab from this checkout
 
 from memlab import mixers  # noqa: E402
-from memlab.bench.measure import environment  # noqa: E402
+from memlab.bench.measure import call_times, environment  # noqa: E402
 
 D_MODEL, HEADS = 512, 8
 # Options per mixer at d_model 512 (head dim 64). A mixer not listed here (a new one) runs with
@@ -113,19 +113,7 @@ def time_step(
         torch.cuda.synchronize(device)
     first = (time.perf_counter() - t0) / max(warmup, 1)
     n = max(min(repeats, int(budget_s / max(first, 1e-6))), 3 if cuda else 1)
-    times = []
-    for _ in range(n):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+    times = call_times(step, device=device, repeats=n)
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
     return times, peak
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # memlab from this
 
 from memlab import tasks  # noqa: E402
 from memlab.bench.jobs.passkey import prefill_and_decode, score_passkey  # noqa: E402
-from memlab.bench.measure import environment, package_versions  # noqa: E402
+from memlab.bench.measure import environment, median_time, package_versions  # noqa: E402
 from memlab.models.lm import LM, LMConfig  # noqa: E402
 from memlab.train import TrainConfig, evaluate, seed_everything, train  # noqa: E402
 
@@ -259,31 +259,15 @@ def fwd_bwd_tokens_per_s(
     """Forward + backward tokens/s of a (batch, seq_len) batch: median step after 2 warm-up steps."""
     model.to(device).train()
     ids = torch.randint(0, vocab, (batch, seq_len), device=device)
-    cuda = device.type == "cuda"
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         logits = model(ids)[0]
         logits.float().logsumexp(-1).mean().backward()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+    seconds = median_time(step, device=device, warmup=2, repeats=steps)
     model.zero_grad(set_to_none=True)
-    return batch * seq_len / statistics.median(times)
+    return batch * seq_len / seconds
 
 
 def attempt(results: dict[str, Any], key: str, fn: Callable[[], Any], device: torch.device) -> Any:

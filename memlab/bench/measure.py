@@ -144,16 +144,12 @@ def prefill_state_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
 
 # -- time ---------------------------------------------------------------------------------
-def median_time(fn: Callable[[], Any], *, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+def call_times(fn: Callable[[], Any], *, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()``, with no warm-up.
 
     On CUDA each call is timed with events (GPU time, no host overhead in between); on CPU with
     ``time.perf_counter``.
     """
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup} repeats={repeats}")
-    for _ in range(warmup):
-        fn()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,7 +165,16 @@ def median_time(fn: Callable[[], Any], *, device: torch.device, warmup: int = 3,
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], Any], *, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls (``call_times``) after ``warmup`` calls."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup} repeats={repeats}")
+    for _ in range(warmup):
+        fn()
+    return statistics.median(call_times(fn, device=device, repeats=repeats))
 
 
 # -- memory -------------------------------------------------------------------------------
