@@ -242,14 +242,14 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
     # allocator for every configuration: otherwise the first configuration timed pays for them.
     warm = 256 if smoke else 1024
     for i, length in enumerate([warm, *lengths]):
-        warming, keep = i == 0, results
-        if warming:
-            results = {}
+        warming = i == 0
+        # the warm-up pass writes into a dict that is thrown away
+        out = {} if warming else results
         ctx = torch.randint(100, 40000, (1, length), generator=g).to(device)
         question = torch.randint(100, 40000, (1, 16), generator=g).to(device)
         if time.time() < deadline:
             base = transformers_baseline(model, ctx, question, steps, clock)
-            results[f"transformers-dynamic/L={length}"] = base
+            out[f"transformers-dynamic/L={length}"] = base
             model.config._attn_implementation = "sdpa"
         if not warming and time.time() < deadline:
             # The decode kernel's reduction is specialised on the number of KV splits, which
@@ -261,7 +261,7 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
         for name, cfg, chunk in configs:
             key = f"{name}@{cfg.get('ratio', 1)}" + (f"/chunk{chunk}" if chunk else "") + f"/L={length}"
             if time.time() > deadline:
-                results[key] = {"skipped": "time budget"}
+                out[key] = {"skipped": "time budget"}
                 continue
             try:
                 # Nothing of the previous configuration may stay alive into this one's peak: the
@@ -289,23 +289,22 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                         lat.append(dt)
                 peak = torch.cuda.max_memory_allocated(device) - base_mem if cuda else None
                 options = {k: v for k, v in cfg.items() if k != "gates"}
-                results[key] = {
+                out[key] = {
                     "policy": name, "length": length, "chunk": chunk, **options,
                     "prefill_s": t_prefill, "decode_ms": 1e3 * statistics.median(lat),
                     "kv_bytes": kv_bytes, "full_kv_bytes": full_bytes, "kv_fraction": kv_bytes / full_bytes,
                     "peak_prefill_bytes": peak_prefill, "peak_bytes": peak,
                     "attended_ratio": cache.attended_ratio(),
                 }
-                log(f"speed {key}: prefill {t_prefill:.3f}s decode {results[key]['decode_ms']:.2f}ms "
+                log(f"speed {key}: prefill {t_prefill:.3f}s decode {out[key]['decode_ms']:.2f}ms "
                     f"kv {kv_bytes / full_bytes:.3f}")
                 del cache
             except torch.OutOfMemoryError as exc:
-                results[key] = {"error": f"OOM: {exc}"[:200]}
+                out[key] = {"error": f"OOM: {exc}"[:200]}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if warming:
             log(f"speed warm-up at L={warm} done (not reported)")
-            results = keep
     return results
 
 
