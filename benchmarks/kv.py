@@ -180,7 +180,9 @@ def duo_gates(
 
 
 def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, lengths, samples: int,
-             modes: list[str], batch: int, deadline: float, log, max_new_tokens: int = 24) -> dict[str, Any]:
+             modes: list[str], batch: int, deadline: float, log, max_new_tokens: int = 24,
+             save: Any = None) -> dict[str, Any]:
+    """``save(out)`` is called after every policy, so a run killed midway keeps what it measured."""
     model, tok = load(model_id, dtype=dtype, device=device)
     out: dict[str, Any] = {"points": {}, "limits": {}}
     for length in lengths:
@@ -191,8 +193,16 @@ def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, len
                 out["points"][f"{length}/{mode}"] = {"skipped": "time budget"}
                 continue
             t0 = time.time()
+            point = f"{length}/{mode}"
+
+            def progress(rows, point=point, t0=t0) -> None:
+                out["points"][point] = {"seconds": round(time.time() - t0, 1), "partial": True,
+                                        "policies": aggregate(rows)}
+                if save is not None:
+                    save(out)
+
             rows = evaluate(model, tok, ss, specs, model_name=model_id, mode=mode,
-                            max_new_tokens=max_new_tokens, batch_size=batch)
+                            max_new_tokens=max_new_tokens, batch_size=batch, on_progress=progress)
             seconds = round(time.time() - t0, 1)
             out["points"][f"{length}/{mode}"] = {"seconds": seconds, "policies": aggregate(rows)}
             log(f"accuracy L={length} {mode}: {time.time() - t0:.0f}s")
@@ -211,7 +221,8 @@ def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, len
 
 
 def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list[int], gates_file: Path,
-          smoke: bool, deadline: float, log) -> dict[str, Any]:
+          smoke: bool, deadline: float, log, save: Any = None) -> dict[str, Any]:
+    """``save(results)`` is called after every configuration timed."""
     from transformers import AutoModelForCausalLM
 
     from memlab.models.pretrained import checkpoint_dir
@@ -303,6 +314,8 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                 out[key] = {"error": f"OOM: {exc}"[:200]}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if save is not None and not warming:
+                save(results)
         if warming:
             log(f"speed warm-up at L={warm} done (not reported)")
     return results
@@ -359,15 +372,16 @@ def write_markdown(report: dict[str, Any], out: Path) -> None:
     for point, entry in acc.get("points", {}).items():
         if "policies" not in entry:
             continue
-        lines += [f"## Accuracy, niah single (synthetic), {point} ({entry['seconds']} s)", "",
-                  "| policy@ratio | exact match | log-lik | KV held / full | rows read / held |",
-                  "|---|---|---|---|---|"]
+        state = ", killed midway: the policies measured so far" if entry.get("partial") else ""
+        lines += [f"## Accuracy, niah single (synthetic), {point} ({entry['seconds']} s{state})", "",
+                  "| policy@ratio | n | exact match | log-lik | KV held / full | rows read / held |",
+                  "|---|---|---|---|---|---|"]
         for key, m in entry["policies"].items():
             if "error" in m:
-                lines.append(f"| {key} | error: {m['error'][:60]} | | | |")
+                lines.append(f"| {key} | 0 | error: {m['error'][:60]} | | | |")
                 continue
             ll = m.get("loglik", float("nan"))
-            lines.append(f"| {key} | {m['em']:.2f} ± {m.get('em_se', 0):.2f} | {ll:.2f} | "
+            lines.append(f"| {key} | {m['n']} | {m['em']:.2f} ± {m.get('em_se', 0):.2f} | {ll:.2f} | "
                          f"{m['kv_fraction']:.3f} | {m['attended_ratio']:.3f} |")
         lines.append("")
     if acc.get("limits"):
@@ -523,11 +537,21 @@ def main(argv: list[str] | None = None) -> int:
     save()
     specs = with_gates(specs_for(args.ratios, smoke), gates_file)
     if "accuracy" not in args.skip:
+        def save_accuracy(out: dict[str, Any]) -> None:
+            report["accuracy"] = out
+            save()
+
         report["accuracy"] = accuracy(args.model, device, dtype, specs, lengths, samples, args.modes, batch,
-                                      start + 0.6 * args.budget_s, log, max_new_tokens=6 if smoke else 24)
+                                      start + 0.6 * args.budget_s, log, max_new_tokens=6 if smoke else 24,
+                                      save=save_accuracy)
         save()
     if "speed" not in args.skip:
-        report["speed"] = speed(args.model, device, dtype, speed_lengths, gates_file, smoke, deadline, log)
+        def save_speed(results: dict[str, Any]) -> None:
+            report["speed"] = results
+            save()
+
+        report["speed"] = speed(args.model, device, dtype, speed_lengths, gates_file, smoke, deadline, log,
+                                save=save_speed)
         save()
     report["claims"] = claims(report)
     report["seconds"] = round(time.time() - start, 1)

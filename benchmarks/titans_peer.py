@@ -413,11 +413,46 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    def save(done: bool) -> None:
+        """Written after every stage, so a run stopped by its time limit keeps what it measured."""
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "benchmark": "titans_peer",
+            "command": " ".join(["python", "benchmarks/titans_peer.py", *(argv or sys.argv[1:])]),
+            "smoke": args.smoke,
+            "environment": environment(device),
+            "peer_versions": package_versions(
+                ("titans-pytorch", "x-transformers", "hyper-connections", "einops")
+            ),
+            "config": cfg,
+            "matched": "vocab, d_model, depth, heads, head dim, segment length, persistent tokens, "
+            "memory MLP (depth 2, expansion 4, per head), momentum, max inner lr, data, trainer, lr, "
+            "batch, steps",
+            "not_matched": "titans-pytorch: learned long-term memory tokens per segment "
+            f"({cfg['peer_longterm_tokens']}), axial position embedding, value residual, untied embeddings, "
+            "memory chunk = segment + memory tokens; memlab: one memory token per segment query M(q), "
+            "output gate from the memory, rotary positions, tied embeddings",
+            "peer_adjustment": "titans-pytorch's per-head initial memory weights are zero-stride views "
+            "(one tensor broadcast over heads) that in-place optimizer steps reject; each head gets its own "
+            "copy of the same initial values before training",
+            "train_budget_s": budget,
+            "wall_s": time.perf_counter() - t0,
+            "results": results,
+        }
+        payload["complete"] = done
+        path = out_dir / "titans_peer.json"
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        if done:
+            print(f"wrote {path} in {payload['wall_s']:.0f} s")
+
     t0 = time.perf_counter()
     models = {"memlab": lambda v: memlab_model(cfg, v), "titans_pytorch": lambda v: PeerLM(cfg, v)}
     results: dict[str, Any] = {}
     run_task("mqar", cfg, models, device=device, train_budget_s=budget, results=results)
+    save(False)
     trained = run_task("passkey", cfg, models, device=device, train_budget_s=budget, results=results)
+    save(False)
 
     decode: dict[str, Any] = {}
     results["decode"] = decode
@@ -446,34 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"decode L{length}: " + json.dumps({k: v for k, v in decode.items() if k.endswith(f"L{length}")})
         )
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "titans_peer",
-        "command": " ".join(["python", "benchmarks/titans_peer.py", *(argv or sys.argv[1:])]),
-        "smoke": args.smoke,
-        "environment": environment(device),
-        "peer_versions": package_versions(
-            ("titans-pytorch", "x-transformers", "hyper-connections", "einops")
-        ),
-        "config": cfg,
-        "matched": "vocab, d_model, depth, heads, head dim, segment length, persistent tokens, memory MLP "
-        "(depth 2, expansion 4, per head), momentum, max inner lr, data, trainer, lr, batch, steps",
-        "not_matched": "titans-pytorch: learned long-term memory tokens per segment "
-        f"({cfg['peer_longterm_tokens']}), axial position embedding, value residual, untied embeddings, "
-        "memory chunk = segment + memory tokens; memlab: one memory token per segment query M(q), "
-        "output gate from the memory, rotary positions, tied embeddings",
-        "peer_adjustment": "titans-pytorch's per-head initial memory weights are zero-stride views "
-        "(one tensor broadcast over heads) that in-place optimizer steps reject; each head gets its own "
-        "copy of the same initial values before training",
-        "train_budget_s": budget,
-        "wall_s": time.perf_counter() - t0,
-        "results": results,
-    }
-    path = out_dir / "titans_peer.json"
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {path} in {payload['wall_s']:.0f} s")
+    save(True)
     return 0
 
 

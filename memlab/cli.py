@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     run.add_argument("--limit", type=_non_negative_int, default=None, help="run at most N pending runs")
     run.add_argument(
-        "--filter", default=None, help="only runs whose name contains SUBSTR (or id starts with it)"
+        "--filter",
+        default=None,
+        help="only runs whose name contains SUBSTR (or id starts with it); A,B keeps runs matching either",
     )
     run.add_argument(
         "--epochs",

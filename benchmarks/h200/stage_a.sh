@@ -1,16 +1,19 @@
 #!/bin/bash
-# Call 1 of a pair (see README.md): stage SmolLM2 part a; titans peer, fla peer, mqar_h200.
+# Call 1 of a pair (see README.md): stage SmolLM2 part a; titans peer, fla peer, mqar_h200 reruns.
 mkdir -p /root/persist && cp .xfer/a/* /root/persist/
 P="python3 -m pip install -q --no-index --no-deps --no-compile --target"
 $P /tmp/fla_site .whl/fla/*.whl
 $P /tmp/titans_site .whl/titans/*.whl .whl/fla/einops-*.whl
-T=${T:-280}
+T=${T:-300}
+# The mqar_h200 rows to measure again: the memory mixers (stability fix, leaner per-chunk update)
+# and the two Mamba scans (now the fused Triton scan on CUDA); the other rows stand.
+MQAR_RERUN=titans,moneta,yaad,memora,mamba
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$PWD:/tmp/titans_site timeout "$T" python3 benchmarks/titans_peer.py \
-  --out "$OUT/titans" --train-budget "${TITANS_BUDGET:-50}" > "$OUT/titans.log" 2>&1 &
+  --out "$OUT/titans" --train-budget "${TITANS_BUDGET:-100}" > "$OUT/titans.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$PWD:/tmp/fla_site timeout "$T" python3 benchmarks/mixers_fla.py \
   --out "$OUT/fla" --budget-s $((T - 45)) > "$OUT/fla.log" 2>&1 &
 for g in 2 3; do
-  CUDA_VISIBLE_DEVICES=$g PYTHONPATH=$PWD timeout "$T" python3 -m memlab run mqar_h200 \
+  CUDA_VISIBLE_DEVICES=$g PYTHONPATH=$PWD timeout "$T" python3 -m memlab run mqar_h200 --filter "$MQAR_RERUN" \
     --store /root/persist/mqar.sqlite --no-progress --stop-after $((T - 115)) > "$OUT/mqar_g$g.log" 2>&1 &
   sleep 2
 done

@@ -169,11 +169,16 @@ def expand_suite(suite: Suite, overrides: Overrides | None = None) -> tuple[list
 
 
 def select(specs: list[RunSpec], pattern: str | None) -> list[RunSpec]:
-    """Runs whose name contains ``pattern`` (case-insensitive) or whose id starts with it."""
+    """Runs whose name contains ``pattern`` (case-insensitive) or whose id starts with it.
+
+    A comma separates alternatives: ``"titans,mamba"`` keeps the runs that match either.
+    """
     if not pattern:
         return specs
-    p = pattern.lower()
-    return [s for s in specs if p in s.name.lower() or s.id.startswith(p)]
+    alternatives = [p.strip().lower() for p in pattern.split(",") if p.strip()]
+    return [
+        s for s in specs if any(p in s.name.lower() or s.id.startswith(p) for p in alternatives)
+    ]
 
 
 # -- running ------------------------------------------------------------------------------

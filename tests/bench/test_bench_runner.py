@@ -75,6 +75,7 @@ def test_ids_are_stable_and_follow_the_config(tmp_path) -> None:
     assert not {s.id for s in a} & {s.id for s in c}, "an override must give runs their own ids"
     assert [s.name for s in select(a, "#2")] == ["main: fake #2"]
     assert select(a, a[3].id[:8]) == [a[3]]
+    assert [s.name for s in select(a, "#3, #1")] == ["main: fake #1", "main: fake #3"]
 
 
 def test_failing_run_is_recorded_and_the_suite_goes_on_then_resume_skips_done(tmp_path, monkeypatch) -> None:

@@ -38,6 +38,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +128,13 @@ def evaluate(
     prefill_chunk: int | None = None,
     batch_size: int = 1,
     log: Any = None,
+    on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every spec on every sample. Returns one row per (sample, spec).
 
     Samples run in batches of up to ``batch_size`` that share question and answer lengths
-    (contexts are left-padded), so a batch is exactly the samples run alone.
+    (contexts are left-padded), so a batch is exactly the samples run alone. ``on_progress``
+    gets the rows so far after each (batch, spec): a long evaluation killed midway keeps them.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -225,6 +228,8 @@ def evaluate(
                     log(f"  sample {h['sample']} {h['key']}: em={h['em']:.0f} kv={h['kv_fraction']:.2f} "
                         f"{h['answer']!r}")
             rows.extend(heads)
+            if on_progress is not None:
+                on_progress(rows)
     return rows
 
 
