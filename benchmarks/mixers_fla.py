@@ -14,8 +14,10 @@ on our H200 image), so fla's Triton `Mamba2` layer is timed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -111,6 +113,32 @@ _SAVE = [lambda: None]  # main() sets it to write the JSON so far
 _DEADLINE = [float("inf")]  # set by --budget-s: variants not started by then are recorded as skipped
 
 
+_VARIANT_S = [0]  # --variant-s: a variant still running after this many seconds is abandoned
+
+
+class VariantTimeout(Exception):
+    """Raised by the watchdog inside a variant that ran past --variant-s."""
+
+
+@contextlib.contextmanager
+def watchdog():
+    """SIGALRM after --variant-s: fla's Based layer once never returned (kernel compilation), and
+    a hung variant must cost only its own row, not the ones after it."""
+    def fire(signum, frame):  # noqa: ARG001
+        raise VariantTimeout(f"variant ran past --variant-s {_VARIANT_S[0]} s")
+
+    if _VARIANT_S[0] <= 0:
+        yield
+        return
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(_VARIANT_S[0])
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _out_of_time(row: dict) -> bool:
     if time.perf_counter() < _DEADLINE[0]:
         return False
@@ -139,16 +167,17 @@ def throughput(smoke: bool, rows: list[dict]) -> list[dict]:
                 rows.append(row)
                 continue
             try:
-                torch.manual_seed(0)
-                if impl == "memlab":
-                    layer = memlab_layer(kind, D_MODEL)
-                    row["options"] = memlab_options(kind, D_MODEL)[1]
-                else:
-                    layer = fla_layer(kind, D_MODEL, HEADS)
-                layer = layer.cuda().to(torch.bfloat16)
-                reps = 3 if (impl, kind) == ("fla", "mamba") else (5 if smoke else 20)
-                ms = time_fwd_bwd(layer, b, t, D_MODEL, reps)
-                row.update(ms=ms, tokens_per_s=b * t / ms * 1e3)
+                with watchdog():
+                    torch.manual_seed(0)
+                    if impl == "memlab":
+                        layer = memlab_layer(kind, D_MODEL)
+                        row["options"] = memlab_options(kind, D_MODEL)[1]
+                    else:
+                        layer = fla_layer(kind, D_MODEL, HEADS)
+                    layer = layer.cuda().to(torch.bfloat16)
+                    reps = 3 if (impl, kind) == ("fla", "mamba") else (5 if smoke else 20)
+                    ms = time_fwd_bwd(layer, b, t, D_MODEL, reps)
+                    row.update(ms=ms, tokens_per_s=b * t / ms * 1e3)
             except Exception as exc:  # a failed variant is recorded, never dropped
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             print(row, flush=True)
@@ -168,25 +197,26 @@ def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
                       target_accuracy=0.99, seed=0, progress=False, max_train_s=None if smoke else 25.0)
     d = 128
     for impl, kind in [("memlab", "attention"), ("memlab", "linear_attention"), ("fla", "linear_attention"),
-                       ("memlab", "based"), ("fla", "based"), ("memlab", "based_hybrid"),
-                       ("memlab", "mamba"), ("fla", "mamba2")]:
+                       ("memlab", "based"), ("memlab", "based_hybrid"), ("memlab", "mamba"),
+                       ("fla", "mamba2"), ("fla", "based")]:  # fla's Based last: see throughput()
         row = {"impl": impl, "layer": kind, "d_model": d, "seq_len": 256, "num_pairs": 16}
         if _out_of_time(row):
             rows.append(row)
             continue
         try:
-            torch.manual_seed(0)
-            model = LM.from_mixer("attention", vocab_size=8192, d_model=d, n_layers=2, n_heads=2)
-            for block in model.blocks:
-                block.mixer = memlab_layer(kind, d) if impl == "memlab" else FlaAsMixer(
-                    fla_layer(kind, d, 2)
-                )
-            t0 = time.perf_counter()
-            res = train(model, [train_set], {"test": test_set}, cfg, "cuda")
-            row.update(accuracy=res.eval_accuracy["test"], best=res.best_accuracy["test"],
-                       epochs=res.epochs_run, steps=res.steps, stopped_by_time=res.stopped_by_time,
-                       tokens_per_s=res.tokens_per_s,
-                       wall_s=time.perf_counter() - t0)
+            with watchdog():
+                torch.manual_seed(0)
+                model = LM.from_mixer("attention", vocab_size=8192, d_model=d, n_layers=2, n_heads=2)
+                for block in model.blocks:
+                    block.mixer = memlab_layer(kind, d) if impl == "memlab" else FlaAsMixer(
+                        fla_layer(kind, d, 2)
+                    )
+                t0 = time.perf_counter()
+                res = train(model, [train_set], {"test": test_set}, cfg, "cuda")
+                row.update(accuracy=res.eval_accuracy["test"], best=res.best_accuracy["test"],
+                           epochs=res.epochs_run, steps=res.steps, stopped_by_time=res.stopped_by_time,
+                           tokens_per_s=res.tokens_per_s,
+                           wall_s=time.perf_counter() - t0)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         print(row, flush=True)
@@ -199,11 +229,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--skip-mqar", action="store_true")
+    ap.add_argument("--only", choices=["throughput", "mqar"], default=None,
+                    help="run one part (the two parts can then run on two GPUs at once)")
+    ap.add_argument("--skip-mqar", action="store_true", help="same as --only throughput")
+    ap.add_argument("--variant-s", type=int, default=0,
+                    help="abandon a variant still running after this many seconds (0: never)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no variant after this many seconds (the rest are recorded as skipped)")
     args = ap.parse_args()
     _DEADLINE[0] = time.perf_counter() + args.budget_s
+    _VARIANT_S[0] = args.variant_s
+    if args.skip_mqar:
+        args.only = "throughput"
     import fla
     import triton
 
@@ -222,9 +259,10 @@ def main() -> None:
         (out / "mixers_fla.json").write_text(json.dumps(result, indent=1))
 
     _SAVE[0] = save
-    result["throughput"] = throughput(args.smoke, result["throughput"])
-    save()
-    if not args.skip_mqar:
+    if args.only != "mqar":
+        result["throughput"] = throughput(args.smoke, result["throughput"])
+        save()
+    if args.only != "throughput":
         result["mqar"] = []
         mqar(args.smoke, result["mqar"])
         save()

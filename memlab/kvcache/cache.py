@@ -77,15 +77,59 @@ class HeadGroup:
         self.keys: torch.Tensor | None = None  # (B, S, G, D)
         self.values: torch.Tensor | None = None  # (B, S, G, D)
         self.positions: torch.Tensor | None = None  # (B, S, G) int64 original positions
-        self.lengths: torch.Tensor | None = None  # (B, G) int64
+        self._lengths: torch.Tensor | None = None  # (B, G) int64
+        # The length every (batch, head) holds, when they are all equal and that is known on the
+        # host (None: unknown). Decoding steps read it instead of ``lengths``, which would be a
+        # device sync per layer and step; assigning ``lengths`` from outside resets it.
+        self.uniform: int | None = None
         self.mass: torch.Tensor | None = None  # (B, S, G) float32, accumulated attention
+        lo = heads[0] if heads else 0
+        # Contiguous heads are taken from a layer's tensors by a view, others by one index_select
+        # with a cached index (a list index would build an index tensor at every call).
+        self._contiguous = heads == list(range(lo, lo + len(heads)))
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor | None) -> None:
+        self._lengths = value
+        self.uniform = None
+
+    def _set_lengths(self, value: torch.Tensor, uniform: int | None) -> None:
+        self._lengths = value
+        self.uniform = uniform
+
+    def _head_index(self, per_head: int, device: torch.device) -> torch.Tensor:
+        idx = self._index.get((per_head, device))
+        if idx is None:
+            rows = [h * per_head + j for h in self.heads for j in range(per_head)]
+            idx = self._index[(per_head, device)] = torch.tensor(rows, device=device)
+        return idx
+
+    def take(self, t: torch.Tensor, per_head: int = 1) -> torch.Tensor:
+        """This group's heads of ``t`` (B, T, heads * per_head, ...): its KV heads with
+        ``per_head=1``, their query heads with ``per_head=R``. A view when the heads are contiguous."""
+        n = len(self.heads) * per_head
+        if self._contiguous:
+            return t if n == t.shape[2] else t.narrow(2, self.heads[0] * per_head, n)
+        return t.index_select(2, self._head_index(per_head, t.device))
+
+    def put(self, out: torch.Tensor, value: torch.Tensor, per_head: int = 1) -> None:
+        """Write ``value`` into this group's heads of ``out`` (the inverse of ``take``)."""
+        if self._contiguous:
+            out.narrow(2, self.heads[0] * per_head, len(self.heads) * per_head).copy_(value)
+        else:
+            out.index_copy_(2, self._head_index(per_head, out.device), value)
 
     def init(self, b: int, d: int, dtype: torch.dtype, device: torch.device, mass: bool) -> None:
         g = len(self.heads)
         self.keys = torch.zeros(b, 0, g, d, dtype=dtype, device=device)
         self.values = torch.zeros(b, 0, g, d, dtype=dtype, device=device)
         self.positions = torch.zeros(b, 0, g, dtype=torch.int64, device=device)
-        self.lengths = torch.zeros(b, g, dtype=torch.int64, device=device)
+        self._set_lengths(torch.zeros(b, g, dtype=torch.int64, device=device), 0)
         self.mass = torch.zeros(b, 0, g, dtype=torch.float32, device=device) if mass else None
 
     @property
@@ -104,23 +148,31 @@ class HeadGroup:
                 out += t.numel() * t.element_size()
         return out
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None
+    ) -> None:
         """Store the valid new tokens after each (batch, head)'s rows.
 
-        k, v: (B, T, G, D); pos: (B, T) int64; valid: (B, T) bool, False for padding.
+        k, v: (B, T, G, D); pos: (B, T) int64; valid: (B, T) bool, False for padding, or None
+        when every new token is real.
         """
         b, t, g, _ = k.shape
         lengths = self.lengths
-        if (t == 1 or bool(valid.all())) and bool((lengths == lengths.flatten()[0]).all()):
+        fast = t == 1 or valid is None or bool(valid.all())
+        if fast and self.uniform is None and bool((lengths == lengths.flatten()[0]).all()):
+            self.uniform = int(lengths.flatten()[0])
+        if fast and self.uniform is not None:
             # Common case (no padding, equal lengths): one concatenation, exact allocation.
-            n0 = int(lengths.flatten()[0])
+            n0 = self.uniform
             self.keys = torch.cat([self.keys[:, :n0], k], dim=1)
             self.values = torch.cat([self.values[:, :n0], v], dim=1)
             self.positions = torch.cat([self.positions[:, :n0], pos[:, :, None].expand(b, t, g)], dim=1)
             if self.mass is not None:
                 self.mass = torch.cat([self.mass[:, :n0], self.mass.new_zeros(b, t, g)], dim=1)
-            self.lengths = lengths + t
+            self._set_lengths(lengths + t, n0 + t)
             return
+        if valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=k.device)
         n_new = valid.sum(dim=1)  # (B,)
         new_lengths = lengths + n_new[:, None]
         s_new = int(new_lengths.max()) if new_lengths.numel() else 0
@@ -140,10 +192,11 @@ class HeadGroup:
             self.positions[bb, dest, gi] = pos[bi, ti][:, None].expand_as(dest)
             if self.mass is not None:
                 self.mass[bb, dest, gi] = 0.0
-        self.lengths = new_lengths
+        self.lengths = new_lengths  # unequal in general: ``uniform`` is unknown
 
-    def keep(self, idx: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Keep rows ``idx`` (B, K, G) in that order; ``lengths`` (B, G) of them are in use."""
+    def keep(self, idx: torch.Tensor, lengths: torch.Tensor, uniform: int | None = None) -> None:
+        """Keep rows ``idx`` (B, K, G) in that order; ``lengths`` (B, G) of them are in use
+        (all equal to ``uniform`` when that is given)."""
         d = self.keys.shape[-1]
         idx4 = idx[..., None].expand(*idx.shape, d)
         self.keys = self.keys.gather(1, idx4)
@@ -151,7 +204,7 @@ class HeadGroup:
         self.positions = self.positions.gather(1, idx)
         if self.mass is not None:
             self.mass = self.mass.gather(1, idx)
-        self.lengths = lengths
+        self._set_lengths(lengths, uniform)
 
     def select_batch(self, index: torch.Tensor) -> None:
         for name in ("keys", "values", "positions", "lengths", "mass"):
@@ -171,11 +224,12 @@ def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def select_rows(
-    scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor
+    scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, kept_max: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows to keep: the ``budget`` highest scores per (batch, head), in row order.
 
-    scores: (B, S, G); valid: (B, S, G) bool; budget: (B,) or (B, G) int64.
+    scores: (B, S, G); valid: (B, S, G) bool; budget: (B,) or (B, G) int64. ``kept_max``: the
+    largest number of rows kept, when the caller knows it on the host (saves a device sync).
     Returns idx (B, K, G) with the kept rows first (ascending) and lengths (B, G).
     """
     b, s, g = scores.shape
@@ -183,7 +237,10 @@ def select_rows(
         budget = budget[:, None].expand(b, g)
     lengths = valid.sum(dim=1)
     kept = torch.minimum(budget, lengths)
-    k = int(kept.max()) if kept.numel() else 0
+    if kept_max is not None:
+        k = kept_max
+    else:
+        k = int(kept.max()) if kept.numel() else 0
     scores = scores.float().masked_fill(~valid, float("-inf"))
     scores = torch.nan_to_num(scores, nan=float("-inf"))
     # A stable sort, not topk: ties (max pooling makes many) go to the earlier row, the same
@@ -233,8 +290,15 @@ class KVLayer(CacheLayerMixin):
         self.prefill_forwards = 0
         self.stored = False  # whether any token was stored (decides the dense first-chunk path)
         self.scale = 1.0
-        self.attended = 0  # rows read by decoding queries, summed over (batch, query head) and steps
-        self.attended_full = 0  # rows a full cache would have held for the same reads
+        # Rows read by decoding queries, summed over (batch, KV head) and steps, and the rows a
+        # full cache would have held for the same reads (times R in ``attended``). Counted on the
+        # host while the lengths are known there, else on the device: never a sync per step.
+        self._reads_full = 0
+        self._reads_full_dev: torch.Tensor | None = None
+        self._reads_skipped_dev: torch.Tensor | None = None
+        self._reads_per_head = 1  # R, query heads per KV head
+        # group -> (the frozen_seen it was computed for, decoding budget, its host value or None)
+        self._decode_budgets: dict[int, tuple[Any, torch.Tensor | None, int | None]] = {}
 
     # --- transformers cache-layer API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -300,6 +364,7 @@ class KVLayer(CacheLayerMixin):
         self.seen = None
         self.qbuf = self.qvalid = self.qpos = None
         self._pending = None
+        self._decode_budgets = {}
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -316,6 +381,7 @@ class KVLayer(CacheLayerMixin):
             indices = indices.nonzero().flatten()
         for grp in self.groups:
             grp.select_batch(indices)
+        self._decode_budgets = {}
         self.seen = self.seen.index_select(0, indices)
         for name in ("qbuf", "qvalid", "qpos"):
             t = getattr(self, name)
@@ -406,18 +472,25 @@ class KVLayer(CacheLayerMixin):
         else:
             # A single new column is a real token: left padding puts pads only before the first
             # one. Not reading the mask here saves a device sync per layer and decoding step.
-            valid = torch.ones(b, tq, dtype=torch.bool, device=query.device)
+            # None stands for "every new token is real" (no (B, Tq) ones tensor to build).
+            valid = None
         phase = "decode" if cache.frozen else "prefill"
-        pos = self.seen[:, None] + valid.long().cumsum(dim=1) - 1  # (B, Tq) original positions
+        # (B, Tq) original positions: the real tokens seen before each new one.
+        if valid is not None:
+            pos = self.seen[:, None] + valid.long().cumsum(dim=1) - 1
+        elif tq == 1:
+            pos = self.seen[:, None]
+        else:
+            pos = self.seen[:, None] + torch.arange(tq, device=self.seen.device)
         was_empty = not self.stored
         q = query.transpose(1, 2)  # (B, Tq, H, D)
         kt = k_new.transpose(1, 2)  # (B, Tq, Hkv, D)
         vt = v_new.transpose(1, 2)
         for g in self.groups:
-            g.append(kt[:, :, g.heads], vt[:, :, g.heads], pos, valid)
-        self.seen = self.seen + valid.sum(dim=1)
+            g.append(g.take(kt), g.take(vt), pos, valid)
+        self.seen = self.seen + (tq if valid is None else valid.sum(dim=1))
         self.columns += tq
-        self.stored = self.stored or tq == 1 or bool(valid.any())
+        self.stored = self.stored or valid is None or bool(valid.any())
         self.scale = scale
         if phase == "prefill":
             self.prefill_forwards += 1
@@ -427,7 +500,7 @@ class KVLayer(CacheLayerMixin):
         if was_empty and all(w is None for w in windows):
             # First tokens of this layer: nothing is cached yet, so dense causal attention over
             # the chunk (SDPA, flash on GPU) is exact and faster than the ragged kernel.
-            out = dense_causal(query, k_new, v_new, None if mask2d is None else valid, scale)
+            out = dense_causal(query, k_new, v_new, valid, scale)
         elif was_empty:
             out = torch.empty_like(q)
             for gi, g in enumerate(self.groups):
@@ -441,13 +514,15 @@ class KVLayer(CacheLayerMixin):
                     end = min(start + block, tq)
                     out[:, start:end, qh] = dense_causal(
                         qg[:, :, start:end], kg[:, :, :end], vg[:, :, :end],
-                        None if mask2d is None else valid[:, :end], scale, window=win, sinks=snk,
+                        None if valid is None else valid[:, :end], scale, window=win, sinks=snk,
                     )
         else:
-            out = torch.empty_like(q)
+            r = h // hkv
+            # One group (the common case) attends with all heads at once: no output to scatter.
+            out = None if len(self.groups) == 1 else torch.empty_like(q)
             for gi, g in enumerate(self.groups):
-                qh = self.query_heads(g, h, hkv)
-                rows = policy.attention_rows(cache, self, gi, q[:, :, qh], scale, phase)
+                q_g = g.take(q, per_head=r)
+                rows = policy.attention_rows(cache, self, gi, q_g, scale, phase)
                 if rows is None:
                     k_g, v_g, len_g = g.keys, g.values, g.lengths
                 else:
@@ -455,10 +530,15 @@ class KVLayer(CacheLayerMixin):
                     idx4 = idx[..., None].expand(*idx.shape, d)
                     k_g, v_g = g.keys.gather(1, idx4), g.values.gather(1, idx4)
                 win, snk = windows[gi] if windows[gi] is not None else (None, 0)
-                out[:, :, qh] = ragged_decode(q[:, :, qh], k_g, v_g, len_g, scale, window=win, sinks=snk)
+                o_g = ragged_decode(q_g, k_g, v_g, len_g, scale, window=win, sinks=snk)
+                if out is None:
+                    out = o_g
+                else:
+                    g.put(out, o_g, per_head=r)
                 if tq == 1:
-                    self.attended += int(len_g.sum()) * (h // hkv)
-                    self.attended_full += int(g.lengths.sum()) * (h // hkv)
+                    self._count_reads(g, None if rows is None else len_g, r)
+        if (policy.needs_mass or policy.query_window() > 0) and valid is None:
+            valid = torch.ones(b, tq, dtype=torch.bool, device=query.device)
         if policy.needs_mass:
             self._accumulate_mass(q, pos, valid, scale)
         window = policy.query_window()
@@ -467,6 +547,30 @@ class KVLayer(CacheLayerMixin):
         self.compress(scale, phase)
         policy.after_layer(cache, self.layer_idx, phase)
         return out
+
+    def _count_reads(self, g: HeadGroup, read: torch.Tensor | None, r: int) -> None:
+        """Count a decoding step's reads of group ``g``: ``read`` (B, G) rows, None for all held."""
+        self._reads_per_head = r
+        if g.uniform is not None:
+            self._reads_full += g.uniform * g.lengths.numel()
+        else:
+            n = g.lengths.sum()
+            self._reads_full_dev = n if self._reads_full_dev is None else self._reads_full_dev + n
+        if read is not None:
+            n = g.lengths.sum() - read.sum()
+            self._reads_skipped_dev = n if self._reads_skipped_dev is None else self._reads_skipped_dev + n
+
+    @property
+    def attended_full(self) -> int:
+        """Rows a full cache would have held for the decoding reads, over (batch, query head) and steps."""
+        dev = 0 if self._reads_full_dev is None else int(self._reads_full_dev)
+        return (self._reads_full + dev) * self._reads_per_head
+
+    @property
+    def attended(self) -> int:
+        """Rows read by decoding queries, summed over (batch, query head) and steps."""
+        dev = 0 if self._reads_skipped_dev is None else int(self._reads_skipped_dev)
+        return self.attended_full - dev * self._reads_per_head
 
     def _remember_queries(self, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, window: int) -> None:
         """Keep the last ``window`` queries (left padding keeps real tokens at the right)."""
@@ -481,29 +585,36 @@ class KVLayer(CacheLayerMixin):
     def _accumulate_mass(self, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Add each new query's attention probabilities to the rows it reads (H2O's statistic).
 
-        q: (B, Tq, H, D); pos, valid: (B, Tq). Queries go in blocks, and KV heads one at a time,
-        to bound the (R, block, S) scores; the logits are scaled and masked in place, so one
-        float32 buffer lives besides the softmax output.
+        q: (B, Tq, H, D); pos, valid: (B, Tq). Queries go in blocks, and KV heads a few at a time,
+        to bound the (heads, R, block, S) scores to (R, block, S) per block: a prompt chunk takes
+        one KV head at a time, a decoding step (one query) all heads of a group at once. The
+        logits are scaled and masked in place, so one float32 buffer lives besides the softmax.
         """
         tq, h = q.shape[1], q.shape[2]
         r = h // self.cache.n_kv_heads
         block = 256
         for g in self.groups:
             rowvalid = (torch.arange(g.rows, device=q.device)[None, :, None] < g.lengths[:, None, :])
-            for j, head in enumerate(g.heads):
-                kf = g.keys[:, :, j].float().permute(0, 2, 1)[:, None]  # (B, 1, D, S)
-                kpos = g.positions[:, None, None, :, j]  # (B, 1, 1, S)
-                rv = rowvalid[:, None, None, :, j]  # (B, 1, 1, S)
+            n = len(g.heads)
+            step = min(n, max(1, block // tq))  # KV heads per pass
+            qg = g.take(q, per_head=r)  # (B, Tq, G * R, D)
+            for j in range(0, n, step):
+                js = slice(j, j + step)
+                kf = g.keys[:, :, js].float().permute(0, 2, 3, 1)[:, :, None]  # (B, n, 1, D, S)
+                kpos = g.positions[:, :, js].permute(0, 2, 1)[:, :, None, None, :]  # (B, n, 1, 1, S)
+                rv = rowvalid[:, :, js].permute(0, 2, 1)[:, :, None, None, :]  # (B, n, 1, 1, S)
+                heads_q = qg[:, :, j * r : (j + step) * r]  # (B, Tq, n * R, D)
                 for start in range(0, tq, block):
-                    qs = q[:, start : start + block, head * r : head * r + r].float()  # (B, t, R, D)
-                    qs = qs.permute(0, 2, 1, 3)  # (B, R, t, D)
-                    logits = torch.matmul(qs, kf).mul_(scale)  # (B, R, t, S)
-                    qp = pos[:, start : start + block][:, None, :, None]
-                    qv = valid[:, start : start + block][:, None, :, None]
-                    hidden = ~(rv & (kpos <= qp) & qv)  # (B, 1, t, S)
+                    qs = heads_q[:, start : start + block].float().unflatten(2, (-1, r))  # (B, t, n, R, D)
+                    qs = qs.permute(0, 2, 3, 1, 4)  # (B, n, R, t, D)
+                    logits = torch.matmul(qs, kf).mul_(scale)  # (B, n, R, t, S)
+                    qp = pos[:, start : start + block][:, None, None, :, None]
+                    qv = valid[:, start : start + block][:, None, None, :, None]
+                    hidden = ~(rv & (kpos <= qp) & qv)  # (B, n, 1, t, S)
                     probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
                     del logits, hidden
-                    g.mass[:, :, j] += probs.nan_to_num_(nan=0.0).sum(dim=(1, 2))  # (B, S)
+                    mass = probs.nan_to_num_(nan=0.0).sum(dim=(2, 3))  # (B, n, S)
+                    g.mass[:, :, js] += mass.permute(0, 2, 1)
                     del probs
 
     def compress(self, scale: float, phase: str) -> None:
@@ -512,35 +623,72 @@ class KVLayer(CacheLayerMixin):
         policy = cache.policy
         if phase == "decode" and not policy.compress_decoding:
             return
-        seen = cache.frozen_seen if phase == "decode" else self.seen
         for gi in range(len(self.groups)):
-            budget = policy.group_budget(self.layer_idx, cache.n_layers, gi, seen, cache)
+            if phase == "decode":
+                budget, budget_host = self._decode_budget(gi)
+            else:
+                budget = policy.group_budget(self.layer_idx, cache.n_layers, gi, self.seen, cache)
+                budget_host = None
             if budget is None:
                 continue
             if phase == "decode":
                 policy.refill(cache, self, gi)
-            self.shrink(gi, budget, scale, phase)
+            self.shrink(gi, budget, scale, phase, budget_host)
 
-    def shrink(self, gi: int, budget: torch.Tensor, scale: float, phase: str) -> None:
-        """Evict rows of head group ``gi`` down to ``budget`` ((B,) or (B, G) int64) by score."""
+    def _decode_budget(self, gi: int) -> tuple[torch.Tensor | None, int | None]:
+        """Head group ``gi``'s decoding budget and, when all its entries are equal, their value.
+
+        The decoding budget is the one of the frozen prompt, so it is computed (and read on the
+        host, one sync) once per frozen prompt rather than at every step.
+        """
+        cache = self.cache
+        memo = self._decode_budgets.get(gi)
+        if memo is not None and memo[0] is cache.frozen_seen:
+            return memo[1], memo[2]
+        budget = cache.policy.group_budget(self.layer_idx, cache.n_layers, gi, cache.frozen_seen, cache)
+        host = None
+        if budget is not None:
+            budget = budget.to(device=self.groups[gi].lengths.device, dtype=torch.int64)
+            first = budget.flatten()[:1]
+            if first.numel() and bool((budget == first).all()):
+                host = int(first)
+        self._decode_budgets[gi] = (cache.frozen_seen, budget, host)
+        return budget, host
+
+    def shrink(
+        self, gi: int, budget: torch.Tensor, scale: float, phase: str, budget_host: int | None = None
+    ) -> None:
+        """Evict rows of head group ``gi`` down to ``budget`` ((B,) or (B, G) int64) by score.
+
+        ``budget_host``: the value of every entry of ``budget``, when they are equal and known on
+        the host; with equal lengths known there too, deciding what to evict needs no sync.
+        """
         g = self.groups[gi]
         budget = budget.to(device=g.lengths.device, dtype=torch.int64)
         bud = budget if budget.dim() == 2 else budget[:, None].expand_as(g.lengths)
-        if not bool((g.lengths > bud).any()):
+        kept_host = None
+        if g.uniform is not None and budget_host is not None:
+            if g.uniform <= budget_host:
+                return
+            kept_host = budget_host  # every (batch, head) holds more than the budget
+        elif not bool((g.lengths > bud).any()):
             return
         obs = self.observation(g, scale, phase, torch.minimum(bud, g.lengths))
-        scores = self.cache.policy.score(obs)
+        policy = self.cache.policy
+        scores = policy.score(obs)
         if scores.shape != g.positions.shape:
             raise ValueError(
-                f"policy {self.cache.policy.name!r} returned scores of shape {tuple(scores.shape)}, "
+                f"policy {policy.name!r} returned scores of shape {tuple(scores.shape)}, "
                 f"expected {tuple(g.positions.shape)}"
             )
         valid = obs.valid
-        idx, kept = select_rows(scores, valid, budget)
-        in_use = torch.arange(idx.shape[1], device=idx.device)[None, :, None] < kept[:, None, :]
-        kept_rows = torch.zeros_like(valid).scatter_(1, idx, in_use)
-        self.cache.policy.on_evict(self.cache, self.layer_idx, gi, g, valid & ~kept_rows, scores)
-        g.keep(idx, kept)
+        idx, kept = select_rows(scores, valid, budget, kept_max=kept_host)
+        if type(policy).on_evict is not Policy.on_evict:
+            # Only policies that look at evicted rows (ALISA) pay for finding them.
+            in_use = torch.arange(idx.shape[1], device=idx.device)[None, :, None] < kept[:, None, :]
+            kept_rows = torch.zeros_like(valid).scatter_(1, idx, in_use)
+            policy.on_evict(self.cache, self.layer_idx, gi, g, valid & ~kept_rows, scores)
+        g.keep(idx, kept, uniform=kept_host)
 
 
 class KVCache(Cache):

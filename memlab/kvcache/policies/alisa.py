@@ -136,25 +136,27 @@ class ALISA(Policy):
 
 
 def _concat_tiers(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Host tiers are small: merge row by row into a fresh padded tier."""
-    bsz, g = a["lengths"].shape
-    la, lb = a["lengths"], b["lengths"]
+    """Merge two host tiers into a fresh padded one: per (sequence, head), a's rows then b's.
+
+    One gather per tensor (not a copy per (sequence, head)); unused rows hold zeros (scores
+    -inf), as in a fresh tier.
+    """
+    la, lb = a["lengths"], b["lengths"]  # (B, G)
     total = la + lb
     t = int(total.max())
-    d = a["keys"].shape[-1]
-    out = {
-        "keys": a["keys"].new_zeros(bsz, t, g, d),
-        "values": a["values"].new_zeros(bsz, t, g, d),
-        "positions": a["positions"].new_zeros(bsz, t, g),
-        "scores": a["scores"].new_full((bsz, t, g), float("-inf")),
-        "lengths": total,
-    }
-    for bi in range(bsz):
-        for hi in range(g):
-            na, nb = int(la[bi, hi]), int(lb[bi, hi])
-            for name in ("keys", "values", "positions", "scores"):
-                out[name][bi, :na, hi] = a[name][bi, :na, hi]
-                out[name][bi, na : na + nb, hi] = b[name][bi, :nb, hi]
+    ta = a["keys"].shape[1]
+    rows = torch.arange(t, device=la.device)[None, :, None]  # (1, T, 1)
+    in_use = rows < total[:, None, :]  # (B, T, G)
+    # Row of the concatenation [a, b] that lands at each output row (clamped where unused).
+    src = torch.where(rows < la[:, None, :], rows, rows - la[:, None, :] + ta)
+    src = src.clamp(0, max(ta + b["keys"].shape[1] - 1, 0))
+    out = {"lengths": total}
+    for name, fill in (("keys", 0.0), ("values", 0.0), ("positions", 0), ("scores", float("-inf"))):
+        both = torch.cat([a[name], b[name]], dim=1)
+        idx, mask = src, in_use
+        if both.dim() == 4:  # keys, values: (B, T, G, D)
+            idx, mask = src[..., None].expand(*src.shape, both.shape[-1]), in_use[..., None]
+        out[name] = both.gather(1, idx).masked_fill(~mask, fill)
     return out
 
 

@@ -20,6 +20,7 @@ before the question arrives, as a cache reused across questions must.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -58,9 +59,9 @@ class Observation:
     phase: str  # "prefill" (compressing a prompt chunk) or "decode"
     budget: torch.Tensor | None = None  # (B, G) int64 rows that will be kept, when compressing
 
-    @property
+    @functools.cached_property
     def valid(self) -> torch.Tensor:
-        """(B, S, G) bool: which stored rows hold a token."""
+        """(B, S, G) bool: which stored rows hold a token (computed once per observation)."""
         s = self.keys.shape[1]
         rows = torch.arange(s, device=self.keys.device)[None, :, None]
         return rows < self.lengths[:, None, :]
@@ -201,7 +202,10 @@ class Policy:
     def group_budget(
         self, layer: int, n_layers: int, group: int, seen: torch.Tensor, cache: KVCache
     ) -> torch.Tensor | None:
-        """Tokens kept per (batch, head) of one head group; None keeps everything."""
+        """Tokens kept per (batch, head) of one head group; None keeps everything.
+
+        While decoding (``seen`` is then the frozen prompt's count) the cache calls it once per
+        frozen prompt and keeps the result: the decoding budget is the one of the prompt."""
         return self.layer_budget(layer, n_layers, seen, cache)
 
     # --- scoring ---------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class DuoAttention(FixedKeepPolicy):
                 f"{getattr(self.gates, 'shape', type(self.gates).__name__)}"
             )
         self._retrieval = retrieval_heads(self.gates, float(self.ratio))
+        # Per layer, on the host: read at every decoding step of every layer.
+        self._has_retrieval: list[bool] = self._retrieval.any(dim=1).tolist()
 
     def head_groups(self, layer: int, n_kv_heads: int) -> list[list[int]]:
         if self._retrieval.shape[0] <= layer or self._retrieval.shape[1] != n_kv_heads:
@@ -112,8 +114,7 @@ class DuoAttention(FixedKeepPolicy):
         return [g for g in (ret, stream) if g]
 
     def _is_streaming(self, layer: int, group: int) -> bool:
-        has_ret = bool(self._retrieval[layer].any())
-        return not has_ret or group == 1
+        return not self._has_retrieval[layer] or group == 1
 
     def group_budget(
         self, layer: int, n_layers: int, group: int, seen: torch.Tensor, cache: KVCache
