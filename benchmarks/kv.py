@@ -500,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--duo-gates", default=None, help="use these gates instead of calibrating")
     p.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this")
+    p.add_argument("--policies", nargs="+", default=None,
+                   help="measure only these policies' accuracy (full is always measured: the reference)")
     p.add_argument("--skip", nargs="*", default=[], choices=["correctness", "accuracy", "speed"])
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -536,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"duo gates: {report['duo_gates']}")
     save()
     specs = with_gates(specs_for(args.ratios, smoke), gates_file)
+    if args.policies:
+        unknown = sorted(set(args.policies) - {s["name"] for s in specs})
+        if unknown:
+            raise SystemExit(f"--policies: unknown {unknown}; expected names from {POLICIES}")
+        specs = [s for s in specs if s["name"] == "full" or s["name"] in args.policies]
     if "accuracy" not in args.skip:
         def save_accuracy(out: dict[str, Any]) -> None:
             report["accuracy"] = out

@@ -11,14 +11,18 @@ python3 -c "from memlab.models.pretrained import load; load('smollm2-135m')" > "
 G=benchmarks/results/duo_gates_smollm2-135m.safetensors
 END=${END:-575}
 SPEED_S=${SPEED_S:-210}
-timeout $SPEED_S python3 benchmarks/kv.py --out "$OUT/kv_speed" --skip accuracy --duo-gates $G \
+[ "$SPEED_S" -gt 0 ] && timeout $SPEED_S python3 benchmarks/kv.py --out "$OUT/kv_speed" --skip accuracy --duo-gates $G \
   --speed-lengths ${SPEED_LENGTHS:-8192 32768 65536} --budget-s $((SPEED_S - 25)) > "$OUT/kv_speed.log" 2>&1
 LEFT=$((END - SECONDS))
 run_acc() {  # length mode batch
   timeout $LEFT python3 benchmarks/kv.py --out "$OUT/kv_$1_$2" --lengths "$1" --modes "$2" --batch "$3" \
-    --skip correctness speed --duo-gates $G --budget-s $((LEFT * 10 / 6)) > "$OUT/kv_$1_$2.log" 2>&1
+    --skip correctness speed --duo-gates $G --budget-s $((LEFT * 10 / 6)) ${POLICIES:+--policies $POLICIES} \
+    > "$OUT/kv_$1_$2.log" 2>&1
 }
-run_acc 4096 agnostic 25 & run_acc 2048 agnostic 50 & run_acc 2048 aware 50 &
-run_acc 1024 aware 50 &
+# POINTS: length:mode:batch, one process each; POLICIES: a subset of policies (full always runs)
+for p in ${POINTS:-4096:agnostic:25 2048:agnostic:50 2048:aware:50 1024:aware:50}; do
+  IFS=: read -r len mode bs <<< "$p"
+  run_acc "$len" "$mode" "$bs" &
+done
 wait
 (cd "$OUT" && tar czf results.tgz --exclude=results.tgz .)
