@@ -1,0 +1,86 @@
+"""benchmarks/kv_merge.py: several kv.py processes' JSON merged into one report without losing or
+mixing anything (accuracy entries keep their run, speed sections are never mixed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def kv_merge():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("kv_merge", ROOT / "benchmarks" / "kv_merge.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def entry(policy: str, em: float, ratio: float | None = None) -> dict:
+    out = {"policy": policy, "label": policy, "n": 10, "em": em, "em_se": 0.1, "loglik": -1.0,
+           "kv_fraction": ratio or 1.0, "attended_ratio": 1.0}
+    return out | ({"ratio": ratio} if ratio else {})
+
+
+def report(device: str, points: dict, speed: dict | None = None) -> dict:
+    return {"command": f"kv.py on {device}", "date": "2026-12-05T00:00:00", "device": device,
+            "dtype": "bf16", "versions": {"torch": "x"}, "ratios": [0.5, 0.25, 0.1],
+            "accuracy": {"points": points, "limits": {}}, "speed": speed or {}}
+
+
+def speed_row(length: int, decode_ms: float) -> dict:
+    return {"policy": "full", "length": length, "prefill_s": 0.1, "decode_ms": decode_ms,
+            "kv_bytes": 100, "full_kv_bytes": 100, "kv_fraction": 1.0, "peak_bytes": 10,
+            "attended_ratio": 1.0}
+
+
+def test_union_of_policies_with_their_runs(kv_merge) -> None:
+    a = report("A", {"2048/agnostic": {"seconds": 5.0, "partial": True, "policies": {
+        "full": entry("full", 0.9), "streaming@0.5": entry("streaming", 0.5, 0.5)}}})
+    b = report("B", {"2048/agnostic": {"seconds": 7.0, "policies": {
+        "full": entry("full", 0.9), "duo@0.5": entry("duo", 1.0, 0.5)}},
+        "1024/aware": {"seconds": 1.0, "policies": {"full": entry("full", 1.0)}}})
+    merged = kv_merge.merge([("a.json", a), ("b.json", b)])
+    point = merged["accuracy"]["points"]["2048/agnostic"]
+    assert list(point["policies"]) == ["full", "streaming@0.5", "duo@0.5"]  # registry order
+    assert point["policies"]["streaming@0.5"]["run"] == 0
+    assert point["policies"]["duo@0.5"]["run"] == 1
+    assert point["policies"]["full"]["run"] == 1  # the later file wins a clash
+    assert point["seconds"] == 12.0 and point["runs"] == [0, 1]
+    # Everything the grid expects and nobody measured is listed, so the report can say so.
+    assert point["partial"] and "alisa@0.25" in point["missing"] and "duo@0.5" not in point["missing"]
+    assert list(merged["accuracy"]["points"]) == ["1024/aware", "2048/agnostic"]  # by length
+    assert [r["source"] for r in merged["runs"]] == ["a.json", "b.json"]
+    assert merged["device"] == "A / B"
+
+
+def test_speed_sections_are_never_mixed(kv_merge) -> None:
+    old = report("A", {}, {"full@1/L=8192": speed_row(8192, 50.0), "full@1/L=16384": speed_row(16384, 52.0)})
+    new = report("B", {}, {"full@1/L=8192": speed_row(8192, 39.0)})
+    merged = kv_merge.merge([("old", old), ("new", new)])
+    assert merged["speed_run"] == 1
+    assert set(merged["speed"]) == {"full@1/L=8192"}  # the 16k row of the other run is not adopted
+    assert merged["speed"]["full@1/L=8192"]["decode_ms"] == 39.0
+    assert merged["speed_earlier"]["0"]["full@1/L=16384"]["decode_ms"] == 52.0
+
+
+def test_cli_writes_report_and_rejects_missing_input(kv_merge, tmp_path: Path) -> None:
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(report("A", {"1024/agnostic": {"seconds": 1.0, "policies": {
+        "full": entry("full", 1.0), "snapkv@0.5": entry("snapkv", 0.2, 0.5)}}})))
+    out = tmp_path / "out"
+    assert kv_merge.main(["--out", str(out), str(src)]) == 0
+    merged = json.loads((out / "kv.json").read_text())
+    assert merged["accuracy"]["points"]["1024/agnostic"]["policies"]["snapkv@0.5"]["em"] == 0.2
+    assert "| snapkv@0.5 | 10 | 0.20" in (out / "kv.md").read_text()
+    with pytest.raises(SystemExit, match="nope.json is not a file"):
+        kv_merge.main(["--out", str(out), str(tmp_path / "nope.json")])
