@@ -14,10 +14,11 @@ on our H200 image), so fla's Triton `Mamba2` layer is timed too.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import platform
-import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,30 +114,36 @@ _SAVE = [lambda: None]  # main() sets it to write the JSON so far
 _DEADLINE = [float("inf")]  # set by --budget-s: variants not started by then are recorded as skipped
 
 
-_VARIANT_S = [0]  # --variant-s: a variant still running after this many seconds is abandoned
+_VARIANT_S = [0]  # --variant-s: an fla variant runs in a child process killed after this long
 
 
-class VariantTimeout(Exception):
-    """Raised by the watchdog inside a variant that ran past --variant-s."""
-
-
-@contextlib.contextmanager
-def watchdog():
-    """SIGALRM after --variant-s: fla's Based layer once never returned (kernel compilation), and
-    a hung variant must cost only its own row, not the ones after it."""
-    def fire(signum, frame):  # noqa: ARG001
-        raise VariantTimeout(f"variant ran past --variant-s {_VARIANT_S[0]} s")
-
-    if _VARIANT_S[0] <= 0:
-        yield
-        return
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(_VARIANT_S[0])
+def isolated(part: str, impl: str, kind: str, args: dict) -> dict:
+    """Run one variant in a child process, killed after --variant-s seconds: fla's Based layer
+    never returned in three sessions, and neither a SIGALRM nor anything else in-process could
+    stop it. Returns the child's row, or the row with an ``error`` saying how it ended."""
+    spec = json.dumps({"part": part, "impl": impl, "kind": kind, **args})
+    row: dict = {}
     try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        done = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True,
+                              timeout=_VARIANT_S[0])
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout: the variant's process was killed after --variant-s {_VARIANT_S[0]} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("ROW "):
+            row = json.loads(line[4:])
+    if not row:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        row = {"error": f"exit {done.returncode}: " + " | ".join(tail)[:480]}
+    return row
+
+
+def run_one(spec: dict) -> None:
+    """--one: measure one variant in this process and print its row (the child of ``isolated``)."""
+    if spec["part"] == "throughput":
+        row = measure_throughput(spec["impl"], spec["kind"], spec["T"], spec["B"], spec["smoke"])
+    else:
+        row = measure_mqar(spec["impl"], spec["kind"], spec["smoke"])
+    print("ROW " + json.dumps(row), flush=True)
 
 
 def _out_of_time(row: dict) -> bool:
@@ -144,6 +151,25 @@ def _out_of_time(row: dict) -> bool:
         return False
     row["error"] = "skipped: --budget-s spent before this variant started"
     return True
+
+
+def measure_throughput(impl: str, kind: str, t: int, b: int, smoke: bool) -> dict:
+    """Forward + backward of one layer on (b, t, D_MODEL) bf16: ms and tokens/s, or an error."""
+    row: dict = {}
+    try:
+        torch.manual_seed(0)
+        if impl == "memlab":
+            layer = memlab_layer(kind, D_MODEL)
+            row["options"] = memlab_options(kind, D_MODEL)[1]
+        else:
+            layer = fla_layer(kind, D_MODEL, HEADS)
+        layer = layer.cuda().to(torch.bfloat16)
+        reps = 3 if (impl, kind) == ("fla", "mamba") else (5 if smoke else 20)
+        ms = time_fwd_bwd(layer, b, t, D_MODEL, reps)
+        row.update(ms=ms, tokens_per_s=b * t / ms * 1e3)
+    except Exception as exc:  # a failed variant is recorded, never dropped
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return row
 
 
 def throughput(smoke: bool, rows: list[dict]) -> list[dict]:
@@ -166,20 +192,10 @@ def throughput(smoke: bool, rows: list[dict]) -> list[dict]:
             if _out_of_time(row):
                 rows.append(row)
                 continue
-            try:
-                with watchdog():
-                    torch.manual_seed(0)
-                    if impl == "memlab":
-                        layer = memlab_layer(kind, D_MODEL)
-                        row["options"] = memlab_options(kind, D_MODEL)[1]
-                    else:
-                        layer = fla_layer(kind, D_MODEL, HEADS)
-                    layer = layer.cuda().to(torch.bfloat16)
-                    reps = 3 if (impl, kind) == ("fla", "mamba") else (5 if smoke else 20)
-                    ms = time_fwd_bwd(layer, b, t, D_MODEL, reps)
-                    row.update(ms=ms, tokens_per_s=b * t / ms * 1e3)
-            except Exception as exc:  # a failed variant is recorded, never dropped
-                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            if impl == "fla" and _VARIANT_S[0] > 0:
+                row.update(isolated("throughput", impl, kind, {"T": t, "B": b, "smoke": smoke}))
+            else:
+                row.update(measure_throughput(impl, kind, t, b, smoke))
             print(row, flush=True)
             rows.append(row)
             _SAVE[0]()  # a variant that hangs or kills the process must not take the rows before it
@@ -187,7 +203,12 @@ def throughput(smoke: bool, rows: list[dict]) -> list[dict]:
     return rows
 
 
-def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
+MQAR_D = 128
+
+
+@functools.cache
+def mqar_setup(smoke: bool) -> tuple:
+    """The shared MQAR configuration: train and test sets (seeded) and the trainer config."""
     task = build_task("mqar", vocab_size=8192, seq_len=256, num_pairs=16)
     n_train = 2000 if smoke else 20000
     train_set, test_set = task.make(n_train, seed=0), task.make(1000, seed=1)
@@ -195,30 +216,42 @@ def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
     # Mamba scan would otherwise take minutes of the call.
     cfg = TrainConfig(lr=1e-3, epochs=2 if smoke else 6, batch_size=128, warmup_steps=50,
                       target_accuracy=0.99, seed=0, progress=False, max_train_s=None if smoke else 25.0)
-    d = 128
+    return train_set, test_set, cfg
+
+
+def measure_mqar(impl: str, kind: str, smoke: bool) -> dict:
+    """A 2-layer LM of this layer trained on the shared MQAR configuration: accuracy, or an error."""
+    train_set, test_set, cfg = mqar_setup(smoke)
+    row: dict = {}
+    try:
+        torch.manual_seed(0)
+        model = LM.from_mixer("attention", vocab_size=8192, d_model=MQAR_D, n_layers=2, n_heads=2)
+        for block in model.blocks:
+            block.mixer = memlab_layer(kind, MQAR_D) if impl == "memlab" else FlaAsMixer(
+                fla_layer(kind, MQAR_D, 2)
+            )
+        t0 = time.perf_counter()
+        res = train(model, [train_set], {"test": test_set}, cfg, "cuda")
+        row.update(accuracy=res.eval_accuracy["test"], best=res.best_accuracy["test"],
+                   epochs=res.epochs_run, steps=res.steps, stopped_by_time=res.stopped_by_time,
+                   tokens_per_s=res.tokens_per_s, wall_s=time.perf_counter() - t0)
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return row
+
+
+def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
     for impl, kind in [("memlab", "attention"), ("memlab", "linear_attention"), ("fla", "linear_attention"),
                        ("memlab", "based"), ("memlab", "based_hybrid"), ("memlab", "mamba"),
                        ("fla", "mamba2"), ("fla", "based")]:  # fla's Based last: see throughput()
-        row = {"impl": impl, "layer": kind, "d_model": d, "seq_len": 256, "num_pairs": 16}
+        row = {"impl": impl, "layer": kind, "d_model": MQAR_D, "seq_len": 256, "num_pairs": 16}
         if _out_of_time(row):
             rows.append(row)
             continue
-        try:
-            with watchdog():
-                torch.manual_seed(0)
-                model = LM.from_mixer("attention", vocab_size=8192, d_model=d, n_layers=2, n_heads=2)
-                for block in model.blocks:
-                    block.mixer = memlab_layer(kind, d) if impl == "memlab" else FlaAsMixer(
-                        fla_layer(kind, d, 2)
-                    )
-                t0 = time.perf_counter()
-                res = train(model, [train_set], {"test": test_set}, cfg, "cuda")
-                row.update(accuracy=res.eval_accuracy["test"], best=res.best_accuracy["test"],
-                           epochs=res.epochs_run, steps=res.steps, stopped_by_time=res.stopped_by_time,
-                           tokens_per_s=res.tokens_per_s,
-                           wall_s=time.perf_counter() - t0)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        if impl == "fla" and _VARIANT_S[0] > 0:
+            row.update(isolated("mqar", impl, kind, {"smoke": smoke}))
+        else:
+            row.update(measure_mqar(impl, kind, smoke))
         print(row, flush=True)
         rows.append(row)
         _SAVE[0]()
@@ -233,10 +266,14 @@ def main() -> None:
                     help="run one part (the two parts can then run on two GPUs at once)")
     ap.add_argument("--skip-mqar", action="store_true", help="same as --only throughput")
     ap.add_argument("--variant-s", type=int, default=0,
-                    help="abandon a variant still running after this many seconds (0: never)")
+                    help="run each fla variant in a child process killed after this many s (0: in-process)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one variant (JSON spec)
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no variant after this many seconds (the rest are recorded as skipped)")
     args = ap.parse_args()
+    if args.one is not None:
+        run_one(json.loads(args.one))
+        return
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     _VARIANT_S[0] = args.variant_s
     if args.skip_mqar:

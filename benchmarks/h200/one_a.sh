@@ -4,7 +4,7 @@
 mkdir -p /root/persist && cp .xfer/a/* /root/persist/
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla_site .whl/fla/*.whl
 T=${T:-330}
-# A variant still running after --variant-s (fla's Based layer once never returned) costs only its row.
-PYTHONPATH=$PWD:/tmp/fla_site timeout "$T" python3 benchmarks/mixers_fla.py --variant-s 60 \
+# Each fla variant runs in its own process, killed after --variant-s (fla's Based layer never returned).
+PYTHONPATH=$PWD:/tmp/fla_site timeout "$T" python3 benchmarks/mixers_fla.py --variant-s 180 \
   --out "$OUT/fla" --budget-s $((T - 35)) > "$OUT/fla.log" 2>&1
 (cd "$OUT" && tar czf results.tgz --exclude=results.tgz .)
