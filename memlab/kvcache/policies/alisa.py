@@ -26,7 +26,8 @@ import torch
 from memlab.kvcache.policies.base import Observation, Policy, check_nonneg_int, register
 
 if TYPE_CHECKING:
-    from memlab.kvcache.cache import HeadGroup, KVCache
+    from memlab.kvcache.cache import KVCache
+    from memlab.kvcache.head_group import HeadGroup
 
 
 def host_nbytes(cache: KVCache) -> int:
