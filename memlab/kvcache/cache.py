@@ -224,17 +224,12 @@ class KVLayer(CacheLayerMixin):
             out[:, g.heads] = g.lengths.cpu()
         return out
 
-    def query_heads(self, group: HeadGroup, n_heads: int, n_kv: int) -> list[int]:
-        r = n_heads // n_kv
-        return [h * r + j for h in group.heads for j in range(r)]
-
     def observation(
         self, g: HeadGroup, scale: float, phase: str, budget: torch.Tensor | None = None
     ) -> Observation:
         queries = None
         if self.qbuf is not None:
-            qh = self.query_heads(g, self.qbuf.shape[2], self.cache.n_kv_heads)
-            queries = self.qbuf[:, :, qh]
+            queries = g.take(self.qbuf, per_head=self.qbuf.shape[2] // self.cache.n_kv_heads)
         return Observation(
             layer=self.layer_idx,
             n_layers=self.cache.n_layers,
@@ -305,19 +300,21 @@ class KVLayer(CacheLayerMixin):
             out = dense_causal(query, k_new, v_new, valid, scale)
         elif was_empty:
             out = torch.empty_like(q)
+            r = h // hkv
             for gi, g in enumerate(self.groups):
-                qh = self.query_heads(g, h, hkv)
                 win, snk = windows[gi] if windows[gi] is not None else (None, 0)
-                qg, kg, vg = query[:, qh], k_new[:, g.heads], v_new[:, g.heads]
+                # (B, heads, Tq, D) views of this group's heads, as dense_causal takes them
+                qg = g.take(q, per_head=r).transpose(1, 2)
+                kg, vg = g.take(kt).transpose(1, 2), g.take(vt).transpose(1, 2)
                 # A window needs an explicit (T, S) mask: queries go in blocks, each over the
                 # keys up to its last query, so the mask stays (block, S) (same result per query).
                 block = tq if win is None else DENSE_QUERY_BLOCK
                 for start in range(0, tq, block):
                     end = min(start + block, tq)
-                    out[:, start:end, qh] = dense_causal(
+                    g.put(out[:, start:end], dense_causal(
                         qg[:, :, start:end], kg[:, :, :end], vg[:, :, :end],
                         None if valid is None else valid[:, :end], scale, window=win, sinks=snk,
-                    )
+                    ), per_head=r)
         else:
             r = h // hkv
             # One group (the common case) attends with all heads at once: no output to scatter.
