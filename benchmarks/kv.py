@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from memlab.bench.jobs.kv_niah import aggregate, evaluate, policy_specs
-from memlab.bench.measure import device_name
+from memlab.bench.measure import device_name, live_at_peak
 from memlab.kvcache import KVCache, generate, policies, run_prompt
 from memlab.kvcache.attention import active_layers
 from memlab.kvcache.calibrate import calibrate_duo
@@ -221,8 +221,10 @@ def accuracy(model_id: str, device: torch.device, dtype: torch.dtype, specs, len
 
 
 def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list[int], gates_file: Path,
-          smoke: bool, deadline: float, log, save: Any = None) -> dict[str, Any]:
-    """``save(results)`` is called after every configuration timed."""
+          smoke: bool, deadline: float, log, save: Any = None, history: bool = False) -> dict[str, Any]:
+    """``save(results)`` is called after every configuration timed. ``history``: record the CUDA
+    allocator's history over each configuration's decoding steps and keep the blocks live at their
+    peak (a diagnosis of decoding memory; it slows the steps, so their timings are not comparable)."""
     from transformers import AutoModelForCausalLM
 
     from memlab.models.pretrained import checkpoint_dir
@@ -287,25 +289,44 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                 cache = KVCache(model.config, policy=policy, prefill_chunk=chunk)
                 logits, t_prefill = clock(run_prompt, model, ctx, cache, question_ids=question, chunk=chunk)
                 cuda = device.type == "cuda"
-                peak_prefill = torch.cuda.max_memory_allocated(device) - base_mem if cuda else None
+                peak_prefill = torch.cuda.max_memory_allocated(device) if cuda else None
                 kv_bytes, full_bytes = cache.nbytes(), cache.full_nbytes()
                 lat = []
                 nxt = logits.argmax(-1)
                 from memlab.kvcache.generate import _step
 
+                if cuda:
+                    # The decoding steps' own peak, above what the cache holds when they start.
+                    torch.cuda.synchronize()
+                    decode_start = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    if history and not warming:  # the thrown-away warm-up pass is not worth the time
+                        torch.cuda.memory._record_memory_history(max_entries=400_000)
                 for i in range(steps + 4):
                     logits, dt = clock(_step, model, cache, nxt)
                     nxt = logits.argmax(-1)
                     if i >= 4:
                         lat.append(dt)
-                peak = torch.cuda.max_memory_allocated(device) - base_mem if cuda else None
+                decode_info: dict[str, Any] = {}
+                if cuda:
+                    decode_peak = torch.cuda.max_memory_allocated(device)
+                    decode_info["decode_peak_over_start_bytes"] = decode_peak - decode_start
+                    decode_info["decode_growth_bytes"] = torch.cuda.memory_allocated(device) - decode_start
+                    if history and not warming:
+                        snap = torch.cuda.memory._snapshot()
+                        torch.cuda.memory._record_memory_history(enabled=None)
+                        decode_info["decode_peak_blocks"] = live_at_peak(snap)
+                        decode_info["timed_with_history"] = True  # stack capture slows the steps
+                peak = max(peak_prefill, decode_peak) - base_mem if cuda else None
+                if cuda:
+                    peak_prefill -= base_mem
                 options = {k: v for k, v in cfg.items() if k != "gates"}
                 out[key] = {
                     "policy": name, "length": length, "chunk": chunk, **options,
                     "prefill_s": t_prefill, "decode_ms": 1e3 * statistics.median(lat),
                     "kv_bytes": kv_bytes, "full_kv_bytes": full_bytes, "kv_fraction": kv_bytes / full_bytes,
                     "peak_prefill_bytes": peak_prefill, "peak_bytes": peak,
-                    "attended_ratio": cache.attended_ratio(),
+                    "attended_ratio": cache.attended_ratio(), **decode_info,
                 }
                 log(f"speed {key}: prefill {t_prefill:.3f}s decode {out[key]['decode_ms']:.2f}ms "
                     f"kv {kv_bytes / full_bytes:.3f}")
@@ -502,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this")
     p.add_argument("--policies", nargs="+", default=None,
                    help="measure only these policies' accuracy (full is always measured: the reference)")
+    p.add_argument("--memory-history", action="store_true",
+                   help="speed: record where the decoding steps' peak memory was allocated (slows them)")
     p.add_argument("--skip", nargs="*", default=[], choices=["correctness", "accuracy", "speed"])
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -558,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
 
         report["speed"] = speed(args.model, device, dtype, speed_lengths, gates_file, smoke, deadline, log,
-                                save=save_speed)
+                                save=save_speed, history=args.memory_history)
         save()
     report["claims"] = claims(report)
     report["seconds"] = round(time.time() - start, 1)

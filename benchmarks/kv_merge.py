@@ -5,7 +5,10 @@ point may be measured across calls (some policies in one, the rest in another). 
 measured entry, says which run measured it (device, date, command), lists what each point still
 misses, and writes the merged kv.json, kv.md and plots with kv.py's own writers.
 
-    python benchmarks/kv_merge.py --out DIR A/kv.json B/kv.json ...   # later files win on clashes
+    python benchmarks/kv_merge.py --out DIR A/kv.json B/kv.json ...
+
+On a clash (one policy at one point measured twice) the entry with more prompts wins, the later
+file's when they have as many.
 
 Speed sections are never mixed across runs (their ratios are only meaningful within one process):
 the last run that has one gives ``speed``; earlier ones stay under ``speed_earlier``.
@@ -55,7 +58,10 @@ def merge(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             dest["seconds"] = round(dest["seconds"] + entry.get("seconds", 0.0), 1)
             dest["runs"].append(i)
             for key, m in entry["policies"].items():
-                dest["policies"][key] = {**m, "run": i}
+                # On a clash the entry measured on more prompts wins (a partial run's few prompts
+                # must not replace a complete one's), the later one when they are equal.
+                if m.get("n", 0) >= dest["policies"].get(key, {}).get("n", 0):
+                    dest["policies"][key] = {**m, "run": i}
         for key, m in acc.get("limits", {}).items():
             limits[key] = {**m, "run": i}
         if any("prefill_s" in v for v in rep.get("speed", {}).values()):

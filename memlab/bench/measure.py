@@ -207,3 +207,34 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
             result.bytes = int(torch.cuda.max_memory_allocated(device))
         else:
             result.bytes = rss_peak_bytes()
+
+
+def live_at_peak(snapshot: dict[str, Any], top: int = 8, keep: tuple[str, ...] = ("memlab", "transformers")
+                 ) -> list[dict[str, Any]]:
+    """The largest CUDA blocks live at the peak of an allocator history, and where they were made.
+
+    ``snapshot``: ``torch.cuda.memory._snapshot()`` taken while ``_record_memory_history`` ran.
+    Replays its alloc / free events, finds the moment the bytes allocated during the recording
+    were highest, and returns up to ``top`` blocks live then, largest first: ``{"bytes": n,
+    "frames": ["file:line function", ...]}`` with the Python frames from files whose path holds
+    one of ``keep``, innermost first.
+    """
+    live: dict[int, dict[str, Any]] = {}
+    total = best = 0
+    at_best: list[dict[str, Any]] = []
+    for trace in snapshot.get("device_traces", []):
+        for event in trace:
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+                if total > best:
+                    best = total
+                    at_best = sorted(live.values(), key=lambda e: -e["size"])[:top]
+            elif event["action"] == "free_requested" and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+    blocks = []
+    for event in at_best:
+        frames = [f for f in event.get("frames", []) if any(k in f["filename"] for k in keep)]
+        where = [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}" for f in frames[:6]]
+        blocks.append({"bytes": int(event["size"]), "frames": where})
+    return blocks

@@ -63,6 +63,20 @@ def test_union_of_policies_with_their_runs(kv_merge) -> None:
     assert merged["device"] == "A / B"
 
 
+def test_a_clash_keeps_the_entry_with_more_prompts(kv_merge) -> None:
+    many = entry("full", 0.74) | {"n": 50}
+    few = entry("full", 1.0)  # n = 10: a partial run that stopped after its first batch
+    a = report("A", {"4096/agnostic": {"seconds": 5.0, "policies": {"full": many}}})
+    b = report("B", {"4096/agnostic": {"seconds": 7.0, "partial": True, "policies": {
+        "full": few, "alisa@0.5": entry("alisa", 0.2, 0.5)}}})
+    point = kv_merge.merge([("a.json", a), ("b.json", b)])["accuracy"]["points"]["4096/agnostic"]
+    assert point["policies"]["full"]["n"] == 50 and point["policies"]["full"]["run"] == 0
+    assert point["policies"]["alisa@0.5"]["run"] == 1
+    # ... whichever file comes first
+    point = kv_merge.merge([("b.json", b), ("a.json", a)])["accuracy"]["points"]["4096/agnostic"]
+    assert point["policies"]["full"]["n"] == 50 and point["policies"]["full"]["run"] == 1
+
+
 def test_speed_sections_are_never_mixed(kv_merge) -> None:
     old = report("A", {}, {"full@1/L=8192": speed_row(8192, 50.0), "full@1/L=16384": speed_row(16384, 52.0)})
     new = report("B", {}, {"full@1/L=8192": speed_row(8192, 39.0)})
