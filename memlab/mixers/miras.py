@@ -74,6 +74,19 @@ class YaadConfig(AssocMemoryConfig):
     # (600 steps) and 0.18 with a clip at 3 (300 steps; 0.44 unclipped at 300; both measured with
     # the summed bias).
     mem_max_grad_norm: float | None = None
+    # delta_t at init (the Huber threshold on ||M(k) - v||_2; the paper gives no value). Past it
+    # the step is delta_t sign(e), which moves every one of the D outputs by lr * delta_t whatever
+    # the error's size: at 1, with values of norm ~3-5, every write is such an L1 step and the
+    # memory did not learn MQAR recall (0.04, depth 1, summed bias); at 100 (the L2 regime, the
+    # delta rule) it did (0.87). See docs/results.md, "Memory mixers on the CPU".
+    huber_delta_init: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.huber_delta_init > 0:
+            raise ValueError(
+                f"{type(self).__name__}.huber_delta_init must be > 0, got {self.huber_delta_init!r}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -136,6 +149,15 @@ class Yaad(_Miras):
     """Huber attentional bias with a data-dependent threshold, weight-decay retention."""
 
     Config = YaadConfig
+
+    def __init__(self, config: YaadConfig) -> None:
+        super().__init__(config)
+        mem = self.memory
+        if config.huber_delta_init == 1.0:  # NeuralMemory's own initialisation
+            return
+        with torch.no_grad():  # the threshold's gate channel: softplus(bias) = huber_delta_init
+            d = torch.tensor(float(config.huber_delta_init), dtype=torch.float64)
+            mem.gate_proj.bias.view(mem.n_heads, mem.n_gates)[:, -1] = float(d + torch.log(-torch.expm1(-d)))
 
     def objective(self) -> tuple[AttentionalBias, Retention]:
         return HuberBias(), DecayRetention()
