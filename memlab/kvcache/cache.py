@@ -486,7 +486,7 @@ class KVLayer(CacheLayerMixin):
             # Only policies that look at evicted rows (ALISA) pay for finding them.
             in_use = torch.arange(idx.shape[1], device=idx.device)[None, :, None] < kept[:, None, :]
             kept_rows = torch.zeros_like(valid).scatter_(1, idx, in_use)
-            policy.on_evict(self.cache, self.layer_idx, gi, g, valid & ~kept_rows, scores)
+            policy.on_evict(self.cache, self.layer_idx, gi, g, valid & ~kept_rows, scores, kept_host)
         g.keep(idx, kept, uniform=kept_host)
 
 

@@ -39,7 +39,9 @@ class HeadGroup:
         self._lengths = value
         self.uniform = None
 
-    def _set_lengths(self, value: torch.Tensor, uniform: int | None) -> None:
+    def set_lengths(self, value: torch.Tensor, uniform: int | None) -> None:
+        """Set the (B, G) lengths and, when every entry equals it and the caller knows it on the
+        host, their common value ``uniform`` (None: unknown, read from the device when needed)."""
         self._lengths = value
         self.uniform = uniform
 
@@ -70,7 +72,7 @@ class HeadGroup:
         self.keys = torch.zeros(b, 0, g, d, dtype=dtype, device=device)
         self.values = torch.zeros(b, 0, g, d, dtype=dtype, device=device)
         self.positions = torch.zeros(b, 0, g, dtype=torch.int64, device=device)
-        self._set_lengths(torch.zeros(b, g, dtype=torch.int64, device=device), 0)
+        self.set_lengths(torch.zeros(b, g, dtype=torch.int64, device=device), 0)
         self.mass = torch.zeros(b, 0, g, dtype=torch.float32, device=device) if mass else None
 
     @property
@@ -110,7 +112,7 @@ class HeadGroup:
             self.positions = torch.cat([self.positions[:, :n0], pos[:, :, None].expand(b, t, g)], dim=1)
             if self.mass is not None:
                 self.mass = torch.cat([self.mass[:, :n0], self.mass.new_zeros(b, t, g)], dim=1)
-            self._set_lengths(lengths + t, n0 + t)
+            self.set_lengths(lengths + t, n0 + t)
             return
         if valid is None:
             valid = torch.ones(b, t, dtype=torch.bool, device=k.device)
@@ -145,7 +147,7 @@ class HeadGroup:
         self.positions = self.positions.gather(1, idx)
         if self.mass is not None:
             self.mass = self.mass.gather(1, idx)
-        self._set_lengths(lengths, uniform)
+        self.set_lengths(lengths, uniform)
 
     def select_batch(self, index: torch.Tensor) -> None:
         for name in ("keys", "values", "positions", "lengths", "mass"):

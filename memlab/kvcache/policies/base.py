@@ -218,10 +218,19 @@ class Policy:
         """Called after a layer stored (and compressed) its rows. CAKE cascades budgets here."""
 
     def on_evict(
-        self, cache: KVCache, layer: int, group: int, g: Any, evicted: torch.Tensor, scores: torch.Tensor
+        self,
+        cache: KVCache,
+        layer: int,
+        group: int,
+        g: Any,
+        evicted: torch.Tensor,
+        scores: torch.Tensor,
+        kept_host: int | None = None,
     ) -> None:
         """Called with the rows (B, S, G) bool about to be evicted from head group ``g`` (ALISA
-        moves them to a host tier)."""
+        moves them to a host tier). ``kept_host``: the rows every (batch, head) keeps, when the
+        cache knows it on the host (equal lengths, ``g.uniform``, all above an equal budget), so
+        that ``g.uniform - kept_host`` rows are evicted from each without reading the device."""
 
     def refill(self, cache: KVCache, layer: Any, group: int) -> None:
         """Called before a decoding-time eviction of a head group (ALISA brings rows back)."""
