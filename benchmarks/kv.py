@@ -301,7 +301,7 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                     decode_start = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     if history and not warming:  # the thrown-away warm-up pass is not worth the time
-                        torch.cuda.memory._record_memory_history(max_entries=400_000)
+                        torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
                 for i in range(steps + 4):
                     logits, dt = clock(_step, model, cache, nxt)
                     nxt = logits.argmax(-1)

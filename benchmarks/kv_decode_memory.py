@@ -74,7 +74,7 @@ def measure(model: Any, name: str, cfg: dict[str, Any], length: int, steps: int,
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
             if record:
-                torch.cuda.memory._record_memory_history(max_entries=200_000)
+                torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         with torch.no_grad():
             logits = _step(model, cache, nxt)
         nxt = logits.argmax(-1)
