@@ -153,8 +153,6 @@ class Yaad(_Miras):
     def __init__(self, config: YaadConfig) -> None:
         super().__init__(config)
         mem = self.memory
-        if config.huber_delta_init == 1.0:  # NeuralMemory's own initialisation
-            return
         with torch.no_grad():  # the threshold's gate channel: softplus(bias) = huber_delta_init
             d = torch.tensor(float(config.huber_delta_init), dtype=torch.float64)
             mem.gate_proj.bias.view(mem.n_heads, mem.n_gates)[:, -1] = float(d + torch.log(-torch.expm1(-d)))
