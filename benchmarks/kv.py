@@ -289,18 +289,19 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                 cache = KVCache(model.config, policy=policy, prefill_chunk=chunk)
                 logits, t_prefill = clock(run_prompt, model, ctx, cache, question_ids=question, chunk=chunk)
                 cuda = device.type == "cuda"
-                peak_prefill = torch.cuda.max_memory_allocated(device) if cuda else None
+                prefill_top = torch.cuda.max_memory_allocated(device) if cuda else None
                 kv_bytes, full_bytes = cache.nbytes(), cache.full_nbytes()
                 lat = []
                 nxt = logits.argmax(-1)
                 from memlab.kvcache.generate import _step
 
+                record = cuda and history and not warming  # not the thrown-away warm-up pass
                 if cuda:
                     # The decoding steps' own peak, above what the cache holds when they start.
                     torch.cuda.synchronize()
                     decode_start = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                    if history and not warming:  # the thrown-away warm-up pass is not worth the time
+                    if record:
                         torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
                 for i in range(steps + 4):
                     logits, dt = clock(_step, model, cache, nxt)
@@ -312,14 +313,13 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                     decode_peak = torch.cuda.max_memory_allocated(device)
                     decode_info["decode_peak_over_start_bytes"] = decode_peak - decode_start
                     decode_info["decode_growth_bytes"] = torch.cuda.memory_allocated(device) - decode_start
-                    if history and not warming:
+                    if record:
                         snap = torch.cuda.memory._snapshot()
                         torch.cuda.memory._record_memory_history(enabled=None)
                         decode_info["decode_peak_blocks"] = live_at_peak(snap)
                         decode_info["timed_with_history"] = True  # stack capture slows the steps
-                peak = max(peak_prefill, decode_peak) - base_mem if cuda else None
-                if cuda:
-                    peak_prefill -= base_mem
+                peak_prefill = prefill_top - base_mem if cuda else None
+                peak = max(prefill_top, decode_peak) - base_mem if cuda else None
                 options = {k: v for k, v in cfg.items() if k != "gates"}
                 out[key] = {
                     "policy": name, "length": length, "chunk": chunk, **options,

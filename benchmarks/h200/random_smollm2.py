@@ -4,16 +4,16 @@
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kv_decode_memory import smollm2_shaped  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--layers", type=int, default=30)
 a = p.parse_args()
-cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=a.layers,
-                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                  rope_theta=100000.0, tie_word_embeddings=True)
-torch.manual_seed(0)
-LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(a.out)
+smollm2_shaped(torch.device("cpu"), torch.bfloat16, 8192, a.layers).save_pretrained(a.out)

@@ -101,7 +101,7 @@ class HostTier(Mapping):
         self.cap = cap
         if self.used + n > self.capacity:
             if self.used == 0 and n <= cap + self.slack:  # nothing held: fresh buffers
-                self._alloc(max(n, min(cap, 2 * n)) + self.slack, block)
+                self._alloc(self._room_for(n, cap), block)
             else:
                 self._rebuild(block, valid)
                 return
@@ -125,6 +125,10 @@ class HostTier(Mapping):
 
     def _empty(self, rows: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty((rows, *shape), dtype=dtype, device=self.device, pin_memory=self.pin)
+
+    def _room_for(self, rows: int, cap: int) -> int:
+        """Buffer rows for ``rows`` held now: up to twice them (at most the cap), plus the slack."""
+        return max(rows, min(cap, 2 * rows)) + self.slack
 
     def _alloc(self, capacity: int, like: dict[str, torch.Tensor]) -> None:
         """Fresh buffers of ``capacity`` rows (the rows held are not kept)."""
@@ -150,7 +154,7 @@ class HostTier(Mapping):
         rows, valid, width = _trim(rows, valid, self.cap)
         if valid is not None and bool(valid.all()):
             valid = None
-        self._alloc(max(width, min(self.cap, 2 * width)) + self.slack, rows)
+        self._alloc(self._room_for(width, self.cap), rows)
         self._store(rows, valid, width)
 
     def _store(self, rows: dict[str, torch.Tensor], valid: torch.Tensor | None, width: int) -> None:
