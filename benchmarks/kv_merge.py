@@ -10,8 +10,10 @@ misses, and writes the merged kv.json, kv.md and plots with kv.py's own writers.
 On a clash (one policy at one point measured twice) the entry with more prompts wins, the later
 file's when they have as many.
 
-Speed sections are never mixed across runs (their ratios are only meaningful within one process):
-the last run that has one gives ``speed``; earlier ones stay under ``speed_earlier``.
+Speed rows are never mixed across runs within one context length (a row's ratio to the anchor is
+only meaningful within one process): for each length, the last run that timed the full cache there
+gives every row of that length, each tagged with its run (``speed_runs`` maps length to run).
+Earlier runs' speed sections stay whole under ``speed_earlier``.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def merge(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         }
     merged["accuracy"] = {"points": dict(sorted(points.items(), key=_point_order)), "limits": limits}
     if speeds:
-        merged["speed_run"], merged["speed"] = speeds[-1]
-        merged["speed_earlier"] = {str(i): s for i, s in speeds[:-1]}
+        merged["speed_runs"], merged["speed"] = speed_by_length(speeds)
+        used = set(merged["speed_runs"].values())
+        merged["speed_earlier"] = {str(i): s for i, s in speeds if i not in used}
     devices = sorted({str(r["device"]) for r in runs})
     merged.update(
         command="; ".join(str(r["command"]) for r in runs),
@@ -89,6 +92,27 @@ def merge(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     merged["claims"] = claims(merged)
     merged["paper_claims"] = CLAIMS
     return merged
+
+
+def _length_of(key: str) -> int:
+    return int(key.rpartition("/L=")[2])
+
+
+def speed_by_length(speeds: list[tuple[int, dict[str, Any]]]) -> tuple[dict[str, int], dict[str, Any]]:
+    """Per context length, all rows of the last run that timed the full cache at that length.
+
+    ``speeds``: (run index, kv.py speed section), oldest first. Returns ({length: run}, rows).
+    """
+    chosen: dict[int, int] = {}
+    for i, section in speeds:
+        for key, row in section.items():
+            if key.startswith("full@1/") and "decode_ms" in row:
+                chosen[_length_of(key)] = i
+    by_run = dict(speeds)
+    rows: dict[str, Any] = {}
+    for length, i in sorted(chosen.items()):
+        rows |= {k: {**v, "run": i} for k, v in by_run[i].items() if _length_of(k) == length}
+    return {str(length): i for length, i in sorted(chosen.items())}, rows
 
 
 def _point_order(item: tuple[str, Any]) -> tuple[int, str]:

@@ -114,6 +114,8 @@ _SAVE = [lambda: None]  # main() sets it to write the JSON so far
 _DEADLINE = [float("inf")]  # set by --budget-s: variants not started by then are recorded as skipped
 
 
+FLA_KINDS = ("linear_attention", "mamba2", "mamba", "based")
+_FLA_KINDS = [FLA_KINDS]  # --fla-kinds: which fla layers to measure, in this order
 _VARIANT_S = [0]  # --variant-s: an fla variant runs in a child process killed after this long
 
 
@@ -179,7 +181,7 @@ def throughput(smoke: bool, rows: list[dict]) -> list[dict]:
         entries = [("memlab", k) for k in MEMLAB_KINDS] + [
             # fla's BasedLinearAttention did not return within two H200 calls (its Triton kernels
             # compiling or hanging on this image): last, so that it cannot cost the other rows.
-            ("fla", k) for k in ("linear_attention", "mamba2", "mamba", "based")
+            ("fla", k) for k in _FLA_KINDS[0]
         ]
         for impl, kind in entries:
             row = {"impl": impl, "layer": kind, "T": t, "B": b, "d_model": D_MODEL}
@@ -241,9 +243,9 @@ def measure_mqar(impl: str, kind: str, smoke: bool) -> dict:
 
 
 def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
-    for impl, kind in [("memlab", "attention"), ("memlab", "linear_attention"), ("fla", "linear_attention"),
-                       ("memlab", "based"), ("memlab", "based_hybrid"), ("memlab", "mamba"),
-                       ("fla", "mamba2"), ("fla", "based")]:  # fla's Based last: see throughput()
+    memlab_rows = [("memlab", k) for k in ("attention", "linear_attention", "based", "based_hybrid", "mamba")]
+    fla_rows = [("fla", k) for k in _FLA_KINDS[0] if k != "mamba"]  # fla's Mamba: per-token slow path
+    for impl, kind in memlab_rows + fla_rows:  # fla's Based last: see throughput()
         row = {"impl": impl, "layer": kind, "d_model": MQAR_D, "seq_len": 256, "num_pairs": 16}
         if _out_of_time(row):
             rows.append(row)
@@ -267,6 +269,8 @@ def main() -> None:
     ap.add_argument("--skip-mqar", action="store_true", help="same as --only throughput")
     ap.add_argument("--variant-s", type=int, default=0,
                     help="run each fla variant in a child process killed after this many s (0: in-process)")
+    ap.add_argument("--fla-kinds", default=",".join(FLA_KINDS),
+                    help=f"comma-separated fla layers to measure, in order (of {', '.join(FLA_KINDS)})")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one variant (JSON spec)
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no variant after this many seconds (the rest are recorded as skipped)")
@@ -276,6 +280,12 @@ def main() -> None:
         return
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     _VARIANT_S[0] = args.variant_s
+    kinds = tuple(k for k in args.fla_kinds.split(",") if k)
+    unknown = [k for k in kinds if k not in FLA_KINDS]
+    if unknown:
+        ap.error(f"--fla-kinds: {unknown} unknown; expected a comma-separated subset of "
+                 f"{', '.join(FLA_KINDS)}")
+    _FLA_KINDS[0] = kinds
     if args.skip_mqar:
         args.only = "throughput"
     import fla

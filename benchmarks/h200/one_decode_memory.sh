@@ -7,11 +7,20 @@
 # 2. if step 1 shows the excess: the same with --memory-history, which says where the blocks at
 #    the peak were allocated (about 100x slower steps: one length only);
 # 3. kv_decode_memory.py with as many steps as kv.py (36), without kv.py's surroundings.
+# With DECODE_MEMORY_STAGE=1 it first copies SmolLM2 part a to /root/persist (call 1 of a pair).
 export PYTHONPATH=$PWD
+[ -n "$DECODE_MEMORY_STAGE" ] && mkdir -p /root/persist && cp .xfer/a/* /root/persist/
 G=benchmarks/results/duo_gates_smollm2-135m.safetensors
 python3 benchmarks/h200/random_smollm2.py /tmp/rand_smol > /dev/null 2>&1
-timeout 150 python3 benchmarks/kv.py --out "$OUT/plain" --skip accuracy correctness --model /tmp/rand_smol \
-  --speed-lengths 8192 --duo-gates $G --budget-s 130 > "$OUT/plain.log" 2>&1
+# The three steps run as concurrent processes: each measures its own process's allocations, and
+# none of their timings is used (step 2's stack capture slows its steps anyway).
+timeout 200 python3 benchmarks/kv.py --out "$OUT/plain" --skip accuracy correctness --model /tmp/rand_smol \
+  --speed-lengths 8192 --duo-gates $G --budget-s 170 > "$OUT/plain.log" 2>&1 &
+timeout 250 python3 benchmarks/kv.py --out "$OUT/history" --skip accuracy correctness --model /tmp/rand_smol \
+  --speed-lengths 8192 --duo-gates $G --budget-s 220 --memory-history > "$OUT/history.log" 2>&1 &
+timeout 150 python3 benchmarks/kv_decode_memory.py --out "$OUT/alone" --length 8192 --steps 36 --no-history \
+  --policies full,streaming,h2o,delta > "$OUT/alone.log" 2>&1 &
+wait
 show() {
   python3 - "$1" <<'PY'
 import json, sys
@@ -26,9 +35,6 @@ for k, v in json.load(open(sys.argv[1])).get("speed", {}).items():
 PY
 }
 show "$OUT/plain/kv.json"
-timeout 240 python3 benchmarks/kv.py --out "$OUT/history" --skip accuracy correctness --model /tmp/rand_smol \
-  --speed-lengths 8192 --duo-gates $G --budget-s 220 --memory-history > "$OUT/history.log" 2>&1
 show "$OUT/history/kv.json"
-timeout 120 python3 benchmarks/kv_decode_memory.py --out "$OUT/alone" --length 8192 --steps 36 --no-history \
-  --policies full,streaming,h2o,delta > "$OUT/alone.log" 2>&1
 cat "$OUT/alone.log"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz .)

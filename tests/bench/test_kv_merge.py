@@ -1,5 +1,5 @@
 """benchmarks/kv_merge.py: several kv.py processes' JSON merged into one report without losing or
-mixing anything (accuracy entries keep their run, speed sections are never mixed)."""
+mixing anything (accuracy entries keep their run, speed rows of one length come from one run)."""
 
 from __future__ import annotations
 
@@ -77,14 +77,23 @@ def test_a_clash_keeps_the_entry_with_more_prompts(kv_merge) -> None:
     assert point["policies"]["full"]["n"] == 50 and point["policies"]["full"]["run"] == 1
 
 
-def test_speed_sections_are_never_mixed(kv_merge) -> None:
-    old = report("A", {}, {"full@1/L=8192": speed_row(8192, 50.0), "full@1/L=16384": speed_row(16384, 52.0)})
-    new = report("B", {}, {"full@1/L=8192": speed_row(8192, 39.0)})
-    merged = kv_merge.merge([("old", old), ("new", new)])
-    assert merged["speed_run"] == 1
-    assert set(merged["speed"]) == {"full@1/L=8192"}  # the 16k row of the other run is not adopted
-    assert merged["speed"]["full@1/L=8192"]["decode_ms"] == 39.0
-    assert merged["speed_earlier"]["0"]["full@1/L=16384"]["decode_ms"] == 52.0
+def test_speed_rows_of_one_length_come_from_one_run(kv_merge) -> None:
+    old = report("A", {}, {"full@1/L=8192": speed_row(8192, 50.0), "snapkv@0.1/L=8192": speed_row(8192, 45.0),
+                           "full@1/L=16384": speed_row(16384, 52.0),
+                           "h2o@0.1/L=16384": speed_row(16384, 60.0)})
+    new = report("B", {}, {"full@1/L=8192": speed_row(8192, 39.0),
+                           "h2o@0.1/L=16384": {"skipped": "time budget"},
+                           "full@1/L=65536": speed_row(65536, 70.0)})
+    third = report("C", {}, {"h2o@0.1/L=8192": speed_row(8192, 41.0)})  # no anchor: never adopted
+    merged = kv_merge.merge([("old", old), ("new", new), ("third", third)])
+    assert merged["speed_runs"] == {"8192": 1, "16384": 0, "65536": 1}
+    # 8k from the newer run only: the older run's SnapKV row at 8k is not mixed in
+    assert set(merged["speed"]) == {"full@1/L=8192", "full@1/L=16384", "h2o@0.1/L=16384", "full@1/L=65536"}
+    assert merged["speed"]["full@1/L=8192"] == {**speed_row(8192, 39.0), "run": 1}
+    # 16k: the newer run never timed the full cache there, so all of 16k stays the older run's
+    assert merged["speed"]["h2o@0.1/L=16384"]["decode_ms"] == 60.0
+    assert merged["speed"]["h2o@0.1/L=16384"]["run"] == 0
+    assert set(merged["speed_earlier"]) == {"2"}
 
 
 def test_cli_writes_report_and_rejects_missing_input(kv_merge, tmp_path: Path) -> None:
