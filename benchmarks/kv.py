@@ -148,9 +148,9 @@ def correctness(model_id: str, device: torch.device, dtype: torch.dtype, length:
                     steps = [logits.float()]
                     nxt = logits.argmax(-1)
                     for _ in range(8):
-                        from memlab.kvcache.generate import _step
+                        from memlab.kvcache.generate import decode_step
 
-                        logits = _step(model, cache, nxt)
+                        logits = decode_step(model, cache, nxt)
                         steps.append(logits.float())
                         nxt = logits.argmax(-1)
                     runs.append(torch.stack(steps))
@@ -293,7 +293,7 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                 kv_bytes, full_bytes = cache.nbytes(), cache.full_nbytes()
                 lat = []
                 nxt = logits.argmax(-1)
-                from memlab.kvcache.generate import _step
+                from memlab.kvcache.generate import decode_step
 
                 record = cuda and history and not warming  # not the thrown-away warm-up pass
                 if cuda:
@@ -304,7 +304,7 @@ def speed(model_id: str, device: torch.device, dtype: torch.dtype, lengths: list
                     if record:
                         torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
                 for i in range(steps + 4):
-                    logits, dt = clock(_step, model, cache, nxt)
+                    logits, dt = clock(decode_step, model, cache, nxt)
                     nxt = logits.argmax(-1)
                     if i >= 4:
                         lat.append(dt)

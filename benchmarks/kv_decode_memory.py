@@ -26,7 +26,7 @@ import torch
 from memlab.bench.measure import live_at_peak
 from memlab.kvcache import KVCache, policies, run_prompt
 from memlab.kvcache.attention import active_layers
-from memlab.kvcache.generate import _step
+from memlab.kvcache.generate import decode_step
 
 DEFAULT = ["full", "streaming", "h2o", "alisa", "cake", "delta", "snapkv"]
 
@@ -76,7 +76,7 @@ def measure(model: Any, name: str, cfg: dict[str, Any], length: int, steps: int,
             if record:
                 torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         with torch.no_grad():
-            logits = _step(model, cache, nxt)
+            logits = decode_step(model, cache, nxt)
         nxt = logits.argmax(-1)
         if cuda:
             torch.cuda.synchronize()

@@ -8,12 +8,21 @@ question).
 from memlab.kvcache import policies
 from memlab.kvcache.attention import ATTN_NAME
 from memlab.kvcache.cache import KVCache
-from memlab.kvcache.generate import answer_logprob, generate, greedy, prefill, run_prompt, teacher_force
+from memlab.kvcache.generate import (
+    answer_logprob,
+    decode_step,
+    generate,
+    greedy,
+    prefill,
+    run_prompt,
+    teacher_force,
+)
 
 __all__ = [
     "ATTN_NAME",
     "KVCache",
     "answer_logprob",
+    "decode_step",
     "generate",
     "greedy",
     "policies",

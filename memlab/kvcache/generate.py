@@ -113,6 +113,7 @@ def _prefill_chunks(
     return logits
 
 
+@torch.no_grad()
 def run_prompt(
     model: Any,
     input_ids: torch.Tensor,
@@ -146,8 +147,14 @@ def run_prompt(
     return logits
 
 
-def _step(model: Any, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (B,) after the cache; returns the next logits (B, V)."""
+@torch.no_grad()
+def decode_step(model: Any, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (B,) after the cache; returns the next logits (B, V).
+
+    Without autograd: a decoding step that records a graph keeps every step's intermediates
+    (attention inputs included, O(context) each) alive through the cache's tensors, which is
+    what inflated the decoding memory of benchmarks that called this outside ``generate``.
+    """
     mask = torch.cat([cache.state["mask"], torch.ones_like(cache.state["mask"][:, :1])], dim=1)
     res = model(
         input_ids=tokens[:, None],
@@ -217,7 +224,7 @@ def greedy(
         out.append(nxt)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        logits = _step(model, cache, nxt)
+        logits = decode_step(model, cache, nxt)
     tokens = torch.stack(out, dim=1)
     if tokens.shape[1] < max_new_tokens:
         pad = next(iter(eos)) if eos else 0
@@ -255,5 +262,5 @@ def teacher_force(model: Any, cache: KVCache, logits: torch.Tensor, answer_ids: 
         logp = torch.log_softmax(logits.double(), dim=-1)
         total += logp.gather(1, answer_ids[:, i : i + 1].to(logp.device))[:, 0]
         if i + 1 < answer_ids.shape[1]:
-            logits = _step(model, cache, answer_ids[:, i])
+            logits = decode_step(model, cache, answer_ids[:, i])
     return total

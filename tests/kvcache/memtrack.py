@@ -18,8 +18,11 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveBytes(TorchDispatchMode):
-    def __init__(self, trace_over: int | None = None) -> None:
+    def __init__(self, trace_over: int | None = None, exclude: Any = ()) -> None:
+        """``exclude``: tensors (a model's parameters) whose storages are never counted, even when
+        an op inside the region returns a view of them (``aten.t`` of a weight)."""
         super().__init__()
+        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self.live: dict[int, tuple[int, str]] = {}
         self.current = 0
         self.peak = 0
@@ -38,7 +41,7 @@ class LiveBytes(TorchDispatchMode):
                 continue
             st = t.untyped_storage()
             key, n = st.data_ptr(), st.nbytes()
-            if key == 0 or n == 0 or key in self.live:
+            if key == 0 or n == 0 or key in self.live or key in self.excluded:
                 continue
             what = ""
             if self.trace_over is not None and n >= self.trace_over:

@@ -13,7 +13,7 @@ from test_decode_overhead import SYNC_OPS, decode_step_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memlab.kvcache import KVCache, policies, run_prompt
-from memlab.kvcache.generate import _step
+from memlab.kvcache.generate import decode_step
 from memlab.kvcache.policies.alisa import ALISA, HostTier, host_nbytes
 
 
@@ -78,7 +78,7 @@ def _decode(model, policy, ids, mask=None, steps=20, chunk=None, question=None):
         logits = run_prompt(model, ids, cache, attention_mask=mask, chunk=chunk, question_ids=question)
         for _ in range(steps):
             tokens.append(logits.argmax(dim=-1))
-            logits = _step(model, cache, tokens[-1])
+            logits = decode_step(model, cache, tokens[-1])
     return torch.stack(tokens, dim=1), cache
 
 
@@ -226,7 +226,7 @@ def test_host_tier_work_per_step_does_not_grow(monkeypatch: pytest.MonkeyPatch) 
         logits = run_prompt(model, random_ids(2, 64), cache)
         for _ in range(14):
             ops.clear()
-            logits = _step(model, cache, logits.argmax(dim=-1))
+            logits = decode_step(model, cache, logits.argmax(dim=-1))
             per_step.append((ops.get("on_evict", 0), ops.get("refill", 0)))
     refresh_steps = [per_step[i] for i in range(3, 14, 4)]  # steps 4, 8, 12
     plain_steps = [per_step[i] for i in range(14) if (i + 1) % 4 and i >= 2]
@@ -241,12 +241,12 @@ def _sync_warnings(model, policy, ids, steps: int) -> int:
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         logits = run_prompt(model, ids, cache)
         for _ in range(3):
-            logits = _step(model, cache, logits.argmax(dim=-1))
+            logits = decode_step(model, cache, logits.argmax(dim=-1))
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(steps):
-                logits = _step(model, cache, logits.argmax(dim=-1))
+                logits = decode_step(model, cache, logits.argmax(dim=-1))
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in caught)

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memlab.kvcache import KVCache, policies
 from memlab.kvcache import cache as cache_mod
-from memlab.kvcache.generate import _step, run_prompt
+from memlab.kvcache.generate import decode_step, run_prompt
 from memlab.ops import attention as ops_attention
 
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "tolist")
@@ -76,9 +76,9 @@ def decode_step_ops(
     with torch.no_grad():
         logits = run_prompt(model, random_ids(batch, 48), cache)
         for _ in range(2):  # the first steps read the frozen budgets once
-            logits = _step(model, cache, logits.argmax(dim=-1))
+            logits = decode_step(model, cache, logits.argmax(dim=-1))
         with counter, ToList(counter):
-            _step(model, cache, logits.argmax(dim=-1))
+            decode_step(model, cache, logits.argmax(dim=-1))
     return counter.ops, cache.n_layers
 
 
