@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 from kvtiny import random_ids, tiny_model
-from memtrack import LiveBytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import memlab.kvcache.cache as cache_mod
+from memlab.bench.live_bytes import LiveBytes
 from memlab.kvcache import KVCache, decode_step, policies, run_prompt
 
 T = 2048

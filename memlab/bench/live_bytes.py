@@ -1,5 +1,9 @@
 """Peak bytes of live tensors during a region, tracked at the dispatcher (any device, CPU included).
 
+The CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``; this counts what
+the tensors themselves hold, so CPU runs can state decoding or prefill memory too. Tensors kept
+only inside autograd's graph are counted as long as they live.
+
 ``with LiveBytes() as m: ...`` records every tensor an op creates (its storage's bytes, keyed by
 the storage address) and drops it when the storage is freed; ``m.peak`` is the largest sum seen,
 ``m.current`` the sum now (both relative to the start: tensors that existed before are not
