@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         expand_suite,
         load_suite,
         run_suite,
-        select,
+        select_runs,
         summary_tables,
     )
     from memlab.bench.store import Store
@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     rank, world = distributed_rank()
     if args.dry_run:
         specs, notes = expand_suite(suite, overrides)
-        specs = select(specs, args.filter)[rank::world]
+        specs = select_runs(specs, args.filter, suite.name)[rank::world]
         status: dict[str, str] = {}
         if Path(args.store).is_file():
             with Store(args.store) as store:

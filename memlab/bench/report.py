@@ -348,7 +348,10 @@ def write_report(
     if not store_path.is_file():
         raise ValueError(f"store {str(store_path)!r} does not exist; run `memlab run SUITE` first")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --out names a file, or a folder below one: bad input, not a crash
+        raise ValueError(f"report folder {str(out)!r} cannot be created: {exc}") from exc
     with Store(store_path) as store:
         records = store.records(suite=suite)
         if suite is not None and not records:

@@ -168,6 +168,22 @@ def expand_suite(suite: Suite, overrides: Overrides | None = None) -> tuple[list
     return specs, notes
 
 
+def select_runs(specs: list[RunSpec], pattern: str | None, suite: str) -> list[RunSpec]:
+    """``select``, but a pattern that keeps none of the suite's runs is an error naming it.
+
+    A filter that matches nothing is almost always a typo; running zero runs and exiting 0 would
+    hide it (and under torchrun every rank would silently do nothing).
+    """
+    chosen = select(specs, pattern)
+    if pattern is not None and specs and not chosen:
+        raise ValueError(
+            f"--filter {pattern!r} matches none of the {len(specs)} runs of suite {suite!r} "
+            "(it keeps runs whose name contains it, case-insensitive, or whose id starts with it; "
+            "see `memlab run SUITE --dry-run` for the names)"
+        )
+    return chosen
+
+
 def select(specs: list[RunSpec], pattern: str | None) -> list[RunSpec]:
     """Runs whose name contains ``pattern`` (case-insensitive) or whose id starts with it.
 
@@ -219,7 +235,7 @@ def run_suite(
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     t0 = time.perf_counter()
     specs, notes = expand_suite(suite, overrides)
-    specs = select(specs, pattern)[rank::world_size]
+    specs = select_runs(specs, pattern, suite.name)[rank::world_size]
     result = SuiteResult(suite=suite.name, planned=len(specs), notes=notes)
     for note in notes:
         log(f"note: {note}")

@@ -135,14 +135,25 @@ class Store:
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
             raise ValueError(f"store path {str(self.path)!r} is a directory; expected a .sqlite file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        # isolation_level=None: no implicit transactions; every write below opens its own
-        # BEGIN IMMEDIATE ... COMMIT so a row change is atomic and writers queue on the lock.
-        self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        self._conn.execute("PRAGMA busy_timeout = 60000")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # A path that cannot hold a store (its folder is a file, no permission, a file that is not
+        # SQLite) is bad input like a bad suite: a ValueError naming the path, not a traceback.
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every write below opens its own
+            # BEGIN IMMEDIATE ... COMMIT so a row change is atomic and writers queue on the lock.
+            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise ValueError(f"cannot open store {str(self.path)!r}: {exc}") from exc
+        try:
+            self._conn.execute("PRAGMA busy_timeout = 60000")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise ValueError(
+                f"store {str(self.path)!r} is not a memlab SQLite store ({exc}); pass another --store path"
+            ) from exc
         if mode.lower() != "wal":
             raise RuntimeError(f"could not switch {self.path} to WAL journaling (got {mode!r})")
         # FULL: a committed status change survives even a power cut, not only a killed process.

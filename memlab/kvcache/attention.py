@@ -100,6 +100,14 @@ def kv_attention(
 
     Returns ((B, Tq, H, D), None).
     """
+    # Logit soft-capping (Gemma 2) and learned sinks (gpt-oss) change the softmax; neither the
+    # ragged kernel nor the fallback implements them, and ignoring them gave other outputs.
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{ATTN_NAME} attention does not implement {name}={kwargs[name]!r} (got it from "
+                f"{type(module).__name__}); expected a model with plain softmax attention"
+            )
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layer = active_layers().get(getattr(module, "layer_idx", -1))
     if layer is not None and layer.owns(key):

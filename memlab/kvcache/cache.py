@@ -133,6 +133,14 @@ class KVLayer(CacheLayerMixin):
                 f"KVCache layer {self.layer_idx}: the previous keys were never attended. The model must "
                 f"use the {ATTN_NAME!r} attention implementation (KVCache(model.config, ...) sets it)."
             )
+        window = self.cache.sliding_window
+        if window is not None and self.columns + key_states.shape[2] > window:
+            raise ValueError(
+                f"KVCache: the model's config.sliding_window={window} restricts attention to the last "
+                f"{window} tokens, which KVCache does not implement; this forward would hold "
+                f"{self.columns + key_states.shape[2]} columns. Use contexts of at most {window} tokens or a "
+                "model config with sliding_window=None"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.batch_size:
@@ -258,17 +266,26 @@ class KVLayer(CacheLayerMixin):
         b, h, tq, d = query.shape
         hkv = k_new.shape[1]
         cache = self.cache
-        if mask2d is not None and tq > 1:
+        # A one-column prefill chunk (chunk=1, or a remainder of 1 before chunks that end at the
+        # last column) may be padding: only decoding steps skip reading the mask. (Reading it only
+        # for tq > 1 stored such a pad as a real token, or raised "left padding only".)
+        if mask2d is not None and (tq > 1 or not cache.frozen):
             valid = mask2d[:, -tq:].to(device=query.device, dtype=torch.bool)
             if valid.shape != (b, tq):
                 raise ValueError(f"attention_mask has shape {tuple(mask2d.shape)}, expected (B={b}, >= {tq})")
             # Left padding only: within the new columns no real token precedes a pad, and a
             # sequence that already holds tokens gets no more pads.
-            if bool((valid[:, 1:] < valid[:, :-1]).any()) or bool(((self.seen > 0) & ~valid.all(1)).any()):
-                raise ValueError("KVCache supports left padding only (pads before the first real token)")
+            bad = (valid[:, 1:] < valid[:, :-1]).any(1) | ((self.seen > 0) & ~valid.all(1))
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    "KVCache supports left padding only (pads before the first real token); "
+                    f"attention_mask row {row} has new columns {valid[row].long().tolist()} after "
+                    f"{int(self.seen[row])} real tokens"
+                )
         else:
-            # A single new column is a real token: left padding puts pads only before the first
-            # one. Not reading the mask here saves a device sync per layer and decoding step.
+            # A single new column while decoding is a real token: left padding puts pads only
+            # before the first one. Not reading the mask here saves a device sync per layer and decoding step.
             # None stands for "every new token is real" (no (B, Tq) ones tensor to build).
             valid = None
         phase = "decode" if cache.frozen else "prefill"
@@ -334,7 +351,7 @@ class KVLayer(CacheLayerMixin):
                     out = o_g
                 else:
                     g.put(out, o_g, per_head=r)
-                if tq == 1:
+                if tq == 1 and phase == "decode":  # not a one-column prefill chunk
                     self._count_reads(g, None if rows is None else len_g, r)
         if (policy.needs_mass or policy.query_window() > 0) and valid is None:
             valid = torch.ones(b, tq, dtype=torch.bool, device=query.device)
@@ -512,6 +529,20 @@ class KVCache(Cache):
                 "KVCache supports models whose layers all use full attention; got layer_types "
                 f"{sorted(set(layer_types))}"
             )
+        softcap = getattr(text, "attn_logit_softcapping", None)
+        if softcap is not None:
+            # Soft-capped attention logits (Gemma 2) are not implemented by the ragged attention.
+            raise ValueError(
+                f"KVCache does not support attention logit soft-capping: config.attn_logit_softcapping="
+                f"{softcap!r}, expected None"
+            )
+        # A sliding window that every layer uses (Mistral's ``sliding_window``, with no
+        # ``layer_types``): KVCache attends over everything it holds, so it equals the model only
+        # while the context fits in the window. Past it, ``update`` raises instead of silently
+        # computing something else (tokens beyond the window used to be attended).
+        window = getattr(text, "sliding_window", None)
+        uses_window = layer_types is None and getattr(text, "use_sliding_window", True) is not False
+        self.sliding_window: int | None = int(window) if uses_window and window else None
         bad_chunk = isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
         if prefill_chunk is not None and bad_chunk:
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")

@@ -28,13 +28,24 @@ def _cache_kwarg(model: Any) -> str:
 
 def _check_ids(name: str, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
-        raise ValueError(f"{name} must be a (B, T) int64 tensor, got {getattr(ids, 'shape', type(ids))}")
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be a (B, T) int64 tensor, got {got}")
     if ids.shape[1] < 1:
         raise ValueError(f"{name} must hold at least one token, got shape {tuple(ids.shape)}")
     if mask is not None and tuple(mask.shape) != tuple(ids.shape):
         raise ValueError(
             f"attention mask of {name} has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}"
         )
+    if mask is not None:
+        # Checked here, before the model runs, so the error names the mask and the bad row.
+        m = mask.long()
+        bad = ((m != 0) & (m != 1)).any(dim=1) | (m[:, 1:] < m[:, :-1]).any(dim=1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"attention mask of {name} must be 0/1 with left padding only (0s before the 1s of "
+                f"each row); row {row} is {m[row].tolist()}"
+            )
 
 
 @torch.no_grad()
@@ -54,7 +65,9 @@ def prefill(
     _check_ids("input_ids", input_ids, attention_mask)
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a memlab KVCache, got {type(cache).__name__}")
-    chunk = chunk or cache.prefill_chunk or input_ids.shape[1]
+    # ``chunk or ...`` took chunk=0 for "no chunk given" and silently ran the prompt at once.
+    if chunk is None:
+        chunk = cache.prefill_chunk or input_ids.shape[1]
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     device = input_ids.device
@@ -155,6 +168,8 @@ def decode_step(model: Any, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     (attention inputs included, O(context) each) alive through the cache's tensors, which is
     what inflated the decoding memory of benchmarks that called this outside ``generate``.
     """
+    if "mask" not in cache.state:  # was a bare KeyError
+        raise ValueError("decode_step needs a prefilled cache: call prefill or run_prompt first")
     mask = torch.cat([cache.state["mask"], torch.ones_like(cache.state["mask"][:, :1])], dim=1)
     res = model(
         input_ids=tokens[:, None],
@@ -214,21 +229,23 @@ def greedy(
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     b = logits.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    # The eos token each finished row emitted: it keeps emitting that one. (Filling with one eos
+    # of a set made a row that stopped on another eos switch tokens.)
+    stop = torch.zeros(b, dtype=torch.long, device=logits.device)
     out = []
     for step in range(max_new_tokens):
         nxt = logits.argmax(dim=-1)  # (B,)
         if eos:
-            first_eos = next(iter(eos))
-            nxt = torch.where(done, torch.full_like(nxt, first_eos), nxt)
+            nxt = torch.where(done, stop, nxt)
             done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+            stop = torch.where(done, nxt, stop)
         out.append(nxt)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         logits = decode_step(model, cache, nxt)
     tokens = torch.stack(out, dim=1)
-    if tokens.shape[1] < max_new_tokens:
-        pad = next(iter(eos)) if eos else 0
-        tokens = torch.cat([tokens, tokens.new_full((b, max_new_tokens - tokens.shape[1]), pad)], dim=1)
+    if tokens.shape[1] < max_new_tokens:  # every row is done: each repeats its own eos
+        tokens = torch.cat([tokens, stop[:, None].expand(b, max_new_tokens - tokens.shape[1])], dim=1)
     return tokens
 
 

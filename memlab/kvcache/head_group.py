@@ -101,7 +101,9 @@ class HeadGroup:
         """
         b, t, g, _ = k.shape
         lengths = self.lengths
-        fast = t == 1 or valid is None or bool(valid.all())
+        # ``valid`` is None for decoding steps; a one-column prefill chunk may still be padding
+        # (``t == 1`` used to take the fast path and store that pad as a row).
+        fast = valid is None or bool(valid.all())
         if fast and self.uniform is None and bool((lengths == lengths.flatten()[0]).all()):
             self.uniform = int(lengths.flatten()[0])
         if fast and self.uniform is not None:

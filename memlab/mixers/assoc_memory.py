@@ -437,7 +437,8 @@ class AssocMemoryConfig(MixerConfig):
         super().__post_init__()
         check_positive(self, "n_heads", "chunk_size", "mem_depth", "mem_expansion")
         check_divides(self, "n_heads", "d_model")
-        if not isinstance(self.conv_size, int) or self.conv_size < 0:
+        cs = self.conv_size  # bool is an int subclass, but True is not a kernel size
+        if not isinstance(cs, int) or isinstance(cs, bool) or cs < 0:
             raise ValueError(f"{type(self).__name__}.conv_size must be an int >= 0, got {self.conv_size!r}")
         if not self.lr_max > 0:
             raise ValueError(f"{type(self).__name__}.lr_max must be > 0, got {self.lr_max!r}")

@@ -47,16 +47,17 @@ class SlidingWindowConfig(AttentionConfig):
 
 
 def causal_attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None, n_unused: int = 0
 ) -> torch.Tensor:
     """q: (B, H, T, D); k, v: (B, H, S, D) with S >= T, queries aligned to the last T keys.
 
-    Returns (B, H, T, D). ``window`` restricts query t to keys in (t - window, t].
+    Returns (B, H, T, D). ``window`` restricts query t to keys in (t - window, t]; the first
+    ``n_unused`` keys are cache slots not written yet (zeros), never attended.
     """
     t, s = q.shape[2], k.shape[2]
     qpos = torch.arange(s - t, s, device=q.device)[:, None]
     kpos = torch.arange(s, device=q.device)[None, :]
-    allowed = kpos <= qpos
+    allowed = (kpos <= qpos) & (kpos >= n_unused)
     if window is not None:
         allowed = allowed & (kpos > qpos - window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
@@ -105,8 +106,11 @@ class Attention(Mixer):
         k_all = torch.cat([state["k"], k], dim=2)
         v_all = torch.cat([state["v"], v], dim=2)
         rep = self.n_heads // self.n_kv_heads
+        # A cache holds at most pos0 real keys; slots before them are unwritten zeros (the fixed-size
+        # sliding-window cache of init_state).
+        n_unused = max(state["k"].shape[2] - pos0, 0)
         o = causal_attend(
-            q, k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), self._window()
+            q, k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), self._window(), n_unused
         )
         y = self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
         keep = self._keep()
@@ -126,6 +130,14 @@ class SlidingWindowAttention(Attention):
 
     def _keep(self) -> int | None:
         return self.config.window - 1
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        # The cache has its final size (window - 1 slots, zeros until written) from the start, so the
+        # state is constant-size as constant_state promises: an empty cache that grew up to the
+        # window made state bytes depend on the prefill length below window - 1 (as based's does not).
+        shape = (batch_size, self.n_kv_heads, self.config.window - 1, self.head_dim)
+        empty = torch.zeros(shape, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone(), "pos": 0}
 
     def _window(self) -> int | None:
         return self.config.window

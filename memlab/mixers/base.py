@@ -39,7 +39,9 @@ def check_positive(cfg: Any, *names: str) -> None:
     """Raise ValueError naming the field when an integer option is below 1."""
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
+        # bool is an int subclass: True would pass as 1 and later crash in tensor shapes
+        # (e.g. torch.zeros(True, 3)) with a TypeError that names no option.
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
 
 

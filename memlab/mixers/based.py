@@ -106,7 +106,7 @@ class BasedConfig(MixerConfig):
         check_divides(self, "window_heads", "d_model")
         for name in ("window", "conv_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:  # bool is not a size
                 raise ValueError(
                     f"{type(self).__name__}.{name} must be an int >= 0 (0 turns it off), got {value!r}"
                 )

@@ -69,7 +69,8 @@ class RoutingConfig(MixerConfig):
             self.n_routing_heads = self.n_heads // 2
         check_positive(self, "n_heads", "n_clusters", "window")
         check_divides(self, "n_heads", "d_model")
-        if not isinstance(self.n_routing_heads, int) or not 1 <= self.n_routing_heads <= self.n_heads:
+        nr = self.n_routing_heads  # bool is an int subclass; True is not a head count
+        if not isinstance(nr, int) or isinstance(nr, bool) or not 1 <= nr <= self.n_heads:
             raise ValueError(
                 f"RoutingConfig.n_routing_heads must be in [1, n_heads={self.n_heads}], "
                 f"got {self.n_routing_heads!r}"

@@ -62,7 +62,9 @@ class TitansConfig(AssocMemoryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
+        # bool is an int subclass: True would reach torch.randn(True, d) and fail unnamed
+        npers = self.n_persistent
+        if not isinstance(npers, int) or isinstance(npers, bool) or npers < 0:
             raise ValueError(
                 f"{type(self).__name__}.n_persistent must be an int >= 0, got {self.n_persistent!r}"
             )
@@ -90,23 +92,27 @@ def window_attention(
     pk: torch.Tensor,
     pv: torch.Tensor,
     window: int,
+    n_real: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window causal attention with an always-visible prefix.
 
     q, k, v: (B, H, T, D) new tokens; cache_k/v: (B, H, L, D), the L <= window-1 tokens just
     before them; pk, pv: (B, H, P, D) persistent keys/values. Query t sees the prefix and the
-    keys at positions (t - window, t]. Returns (B, H, T, D). Long inputs run block by block
-    (blocks of ``window`` queries against 2*window-1 keys), so cost and memory are linear in T.
+    keys at positions (t - window, t]. ``n_real``: how many of the last cache entries are real
+    (None: all); earlier slots are unwritten zeros and never attended. Returns (B, H, T, D).
+    Long inputs run block by block (blocks of ``window`` queries against 2*window-1 keys), so cost
+    and memory are linear in T.
     """
     b, h, t, d = q.shape
     n_cache, n_p, w = cache_k.shape[2], pk.shape[2], window
+    n_real = n_cache if n_real is None else min(n_real, n_cache)
     dev = q.device
     if t <= w:
         keys = torch.cat([pk, cache_k, k], dim=2)
         vals = torch.cat([pv, cache_v, v], dim=2)
         kpos = torch.arange(-n_cache, t, device=dev)[None, :]
         qpos = torch.arange(t, device=dev)[:, None]
-        local = (kpos <= qpos) & (kpos > qpos - w)
+        local = (kpos <= qpos) & (kpos > qpos - w) & (kpos >= -n_real)
         mask = torch.cat([torch.ones(t, n_p, dtype=torch.bool, device=dev), local], dim=1)
         return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
     nblk = -(-t // w)
@@ -125,7 +131,7 @@ def window_attention(
     c = torch.arange(2 * w - 1, device=dev)[None, :]
     band = (c >= a) & (c <= a + w - 1)  # (w, 2w-1): key in (t - w, t]
     j = torch.arange(nblk, device=dev)[:, None] * w + c  # padded key index (nblk, 2w-1)
-    key_ok = (j >= pad_left) & (j < w - 1 + t)
+    key_ok = (j >= w - 1 - n_real) & (j < w - 1 + t)
     # Padding queries (past T) may see the zero keys: their rows are dropped, but must stay finite.
     q_pad = (torch.arange(nblk, device=dev)[:, None] * w + a.T) >= t  # (nblk, w)
     mask = band[None] & (key_ok[:, None, :] | q_pad[:, :, None])  # (nblk, w, 2w-1)
@@ -183,7 +189,10 @@ class _WindowTitans(_Titans):
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
         st = self.memory.init_state(batch_size, device, dtype)
-        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        # window - 1 slots from the start (zeros until written, masked by pos): the state is
+        # constant-size; a cache that grew up to the window made state bytes depend on prefill length.
+        shape = (batch_size, self.n_heads, self.config.window - 1, self.head_dim)
+        empty = torch.zeros(shape, device=device, dtype=dtype)
         st.update({"attn.k": empty, "attn.v": empty.clone(), "pos": 0})
         return st
 
@@ -194,7 +203,7 @@ class _WindowTitans(_Titans):
         q, k = self._rope(q, st["pos"]), self._rope(k, st["pos"])
         pk, pv = self._persistent_kv(b, u.dtype)
         ck, cv = st["attn.k"], st["attn.v"]
-        y = window_attention(q, k, v, ck, cv, pk, pv, self.config.window)
+        y = window_attention(q, k, v, ck, cv, pk, pv, self.config.window, n_real=min(st["pos"], ck.shape[2]))
         keep = self.config.window - 1
         k_all, v_all = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
         start = max(k_all.shape[2] - keep, 0)

@@ -63,6 +63,20 @@ class NiahConfig(TaskConfig):
                 raise ValueError(f"niah {name}={value!r} must be a positive int")
         if self.n_keys > len(KEYS):
             raise ValueError(f"niah n_keys={self.n_keys} must be <= {len(KEYS)}")
+        # Needle values are distinct numbers of exactly `digits` digits; asking for more of them
+        # than exist would make samples() draw forever.
+        n_needles = {"multikey": self.n_keys, "multivalue": self.n_values}.get(self.variant, 1)
+        n_name = "n_keys" if self.variant == "multikey" else "n_values"
+        if n_needles > 9 * 10 ** (self.digits - 1):
+            raise ValueError(
+                f"niah {n_name}={n_needles} needs that many distinct {self.digits}-digit values; "
+                f"only {9 * 10 ** (self.digits - 1)} exist (raise digits)"
+            )
+        for name in ("depth_min", "depth_max"):
+            value = getattr(self, name)
+            # A string depth would fail below with a TypeError that names nothing.
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"niah {name}={value!r} must be a number in [0, 1]")
         if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
             raise ValueError(
                 "niah depths must satisfy 0 <= depth_min <= depth_max <= 1, "

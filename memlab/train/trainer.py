@@ -88,6 +88,8 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+
+
 @dataclass
 class TrainResult:
     """What a run measured. ``losses`` has one entry per optimizer step; accuracies are per eval set.
@@ -237,6 +239,18 @@ def _check_sets(model: nn.Module, train_sets: list[TokenData], eval_sets: dict[s
             raise ValueError(f"{name} must be a TokenData, got {type(d).__name__}")
         if len(d) == 0:
             raise ValueError(f"{name} holds no example")
+        # Checked here rather than left to the embedding / cross-entropy, whose errors name no set.
+        if int(d.inputs.min()) < 0:
+            raise ValueError(f"{name} holds token id {int(d.inputs.min())}, expected ids >= 0")
+        labelled = d.targets != IGNORE_INDEX
+        if bool((d.targets[labelled] < 0).any()):
+            raise ValueError(
+                f"{name} holds target {int(d.targets[labelled].min())}, expected targets >= 0 or "
+                f"{IGNORE_INDEX} (no label)"
+            )
+        if name.startswith("eval_sets") and not bool(labelled.any()):
+            # Found now, not after a whole epoch of training when evaluate() would fail on it.
+            raise ValueError(f"{name} holds no labelled position (every target is {IGNORE_INDEX})")
         if vocab is not None and int(d.inputs.max()) >= vocab:
             raise ValueError(
                 f"{name} holds token id {int(d.inputs.max())}, expected ids below the model's "
@@ -334,6 +348,14 @@ def train(
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - t0
             if not epoch_losses:  # the time cap ran out exactly at an epoch boundary
+                # Callers read eval_accuracy[name] for every eval set: a cap spent before the
+                # first step still scores the (untrained) model once.
+                if epoch == 0:
+                    result.eval_accuracy = {
+                        name: evaluate(model, d, batch_size=config.batch_size, device=device)
+                        for name, d in evals.items()
+                    }
+                    result.best_accuracy = dict(result.eval_accuracy)
                 break
             result.losses += torch.stack(epoch_losses).tolist()
             result.epochs_run = epoch + 1

@@ -305,6 +305,12 @@ class KVNiahJob(Job):
             if m not in MODES:
                 raise ValueError(f"{where} mode {m!r}; expected one of {MODES}")
         samples = table.get("samples", 3)
+        # Checked before min() below, which would raise a TypeError naming nothing for a string.
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"{where} samples must be a positive int, got {samples!r}")
+        seed = table.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{where} seed must be a non-negative int, got {seed!r}")
         if overrides.max_examples is not None:
             samples = min(samples, overrides.max_examples)
         dtype = table.get("dtype", "float32")
@@ -359,6 +365,8 @@ class KVNiahJob(Job):
             share_prefill=config["share_prefill"],
             loglik=config["loglik"],
             prefill_chunk=config["prefill_chunk"],
+            # The suite's batch_size was validated and stored but never reached evaluate().
+            batch_size=config.get("batch_size", 1),
             log=ctx.log if ctx.progress else None,
         )
         agg = aggregate(rows)

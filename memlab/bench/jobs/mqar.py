@@ -163,8 +163,9 @@ class MQARJob(Job):
             table, SECTION_KEYS, where, required={"d_model", "lr", "train_sets", "test_sets", "mixers"}
         )
         task = table.get("task", "mqar")
-        if task not in tasks.TASKS:
-            tasks.TASKS.get(task)  # raises the registry's error naming the known tasks
+        if not isinstance(task, str) or task not in tasks.TASKS:
+            # The registry's message names the known tasks; the section is named too, as for mixers.
+            raise ValueError(f"{where}: unknown task {task!r}; expected one of {tasks.names()}")
         task_options = table.get("task_options", {})
         task_fields = {f.name for f in dataclasses.fields(tasks.TASKS.get(task).Config)}
         check_keys(task_options, task_fields, f"{where} task_options")

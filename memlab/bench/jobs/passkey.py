@@ -332,7 +332,7 @@ class PasskeyJob(MQARJob):
 
         tests: list[dict[str, Any]] = []
         by_length: dict[int, dict[str, Any]] = {}
-        for name, s, task, data in zip(test_names, config["test_sets"], test_tasks, test_data, strict=True):
+        for name, task, data in zip(test_names, test_tasks, test_data, strict=True):
             entry: dict[str, Any] = {"name": name, "seq_len": data.seq_len, "num_examples": len(data)}
             batch = max(1, measure["eval_tokens"] // data.seq_len)
             try:
@@ -371,7 +371,8 @@ class PasskeyJob(MQARJob):
             entry["depth_bins"] = measure["depth_bins"]
             entry["key_len"] = task.config.key_len
             entry["filler"] = task.config.filler
-            entry["train_length"] = s["seq_len"] <= train_len
+            # The set's length may come from task_options rather than the set's own table.
+            entry["train_length"] = data.seq_len <= train_len
             tests.append(entry)
 
         scored = [t for t in tests if "accuracy" in t]

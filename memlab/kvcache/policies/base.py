@@ -180,8 +180,12 @@ class Policy:
         """How many recent queries per layer the cache must keep for ``score``."""
         return 0
 
-    def budget(self, seen: torch.Tensor) -> torch.Tensor:
-        """Tokens kept per (batch, KV head) for a uniform budget. seen: (B,) -> (B,) int64."""
+    def budget(self, seen: torch.Tensor, cap: bool = True) -> torch.Tensor:
+        """Tokens kept per (batch, KV head) for a uniform budget. seen: (B,) -> (B,) int64.
+
+        ``cap=False`` (the decoding budget of a frozen prompt of ``seen`` tokens) does not cap
+        the budget at ``seen``: a prompt shorter than the budget lets the cache grow up to it
+        while decoding, instead of evicting every new token at once."""
         seen = seen.to(torch.int64)
         if self.tokens is not None:
             b = torch.full_like(seen, self.tokens)
@@ -189,11 +193,15 @@ class Policy:
             # ceil in float64 with a small guard so that e.g. 0.3 * 10 keeps 3, not 4.
             b = torch.ceil(seen.double() * float(self.ratio) - 1e-9).to(torch.int64)
             b = b.clamp(min=self.protected())
-        return torch.minimum(b, seen)
+        return torch.minimum(b, seen) if cap else b
 
     def layer_budget(self, layer: int, n_layers: int, seen: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Tokens kept per (batch, KV head) in ``layer``. Default: the same in every layer."""
-        return self.budget(seen)
+        """Tokens kept per (batch, KV head) in ``layer``. Default: the same in every layer.
+
+        While decoding (``cache.frozen``) the budget is not capped at the prompt's length: with
+        the cap, tokens=N on a prompt shorter than N evicted each new token right after it was
+        attended (and evicted the recent window that sinks+window policies must keep)."""
+        return self.budget(seen, cap=not cache.frozen)
 
     def head_groups(self, layer: int, n_kv_heads: int) -> list[list[int]]:
         """KV heads that share one storage tensor (and so one padded length). Default: all."""

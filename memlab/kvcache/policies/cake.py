@@ -107,7 +107,10 @@ class CAKE(Policy):
         if phase != "prefill":
             return
         lay = cache.layers[layer]
-        scale = cache.head_dim**-0.5
+        # The layer's own softmax scale (the model's ``scaling``, recorded by ``attend``), not
+        # head_dim ** -0.5: models such as Granite scale attention otherwise, and CAKE's
+        # preferences and scores must use the attention the model computes.
+        scale = lay.scale
         h_sum = v_sum = None
         for g in lay.groups:
             h, v = preference_terms(lay.observation(g, scale, phase), self.window)
@@ -119,10 +122,14 @@ class CAKE(Policy):
         self.cascade(cache, upto=layer, scale=scale)
 
     def cascade(self, cache: KVCache, upto: int, scale: float) -> None:
-        """Re-split the total budget over layers 0..upto by preference and evict to it."""
+        """Re-split the total budget over layers 0..upto by preference and evict to it.
+
+        ``scale`` is layer ``upto``'s; every layer is scored with its own (``lay.scale``)."""
         prefs: dict[int, torch.Tensor] = cache.state["cake_pref"]
         seen = cache.layers[upto].seen
-        total = (self.budget(seen) * cache.n_layers).tolist()  # (B,) tokens over all layers
+        # (B,) tokens over all layers. Not capped at the tokens seen: a prompt shorter than the
+        # budget leaves a surplus that decoding may fill (see below); the prefill split is the same.
+        total = (self.budget(seen, cap=False) * cache.n_layers).tolist()
         held = [cache.layers[i].head_lengths().max(dim=1).values.tolist() for i in range(upto + 1)]
         alloc: list[list[int]] = []
         for bi, tot in enumerate(total):
@@ -134,11 +141,16 @@ class CAKE(Policy):
             if sum(weights) <= 0:
                 weights = [1.0] * len(weights)
             shares = split_exact(weights, extra, caps=[c - f for c, f in zip(caps, floor, strict=True)])
-            alloc.append([f + s for f, s in zip(floor, shares, strict=True)])
+            # When the layers hold less than the total (a prompt shorter than the budget), every
+            # layer keeps all it holds and the surplus is shared for decoding to grow into: the
+            # cached allocation is the decoding budget, and without this a short prompt's
+            # decoding evicted each new token at once.
+            surplus = split_exact(weights, max(tot - sum(caps), 0))
+            alloc.append([f + s + x for f, s, x in zip(floor, shares, surplus, strict=True)])
         budgets: dict[int, Any] = cache.state.setdefault("cake_budget", {})
         for i in range(upto + 1):
             b_i = torch.tensor([a[i] for a in alloc], dtype=torch.int64, device=seen.device)
             budgets[i] = b_i
             lay = cache.layers[i]
             for gi in range(len(lay.groups)):
-                lay.shrink(gi, b_i, scale, "prefill")
+                lay.shrink(gi, b_i, scale if i == upto else lay.scale, "prefill")

@@ -30,6 +30,10 @@ def default_layers(n_layers: int) -> tuple[list[int], list[int]]:
     """DELTA's published layout for a 28-layer model (full 0, 1; delta 2, 14, 22), scaled."""
     full = [i for i in (0, 1) if i < n_layers]
     delta = sorted({min(n_layers - 1, round(f * n_layers)) for f in (2 / 28, 14 / 28, 22 / 28)} - set(full))
+    if not delta and n_layers > 0:
+        # Models of 1 or 2 layers: the full layers took every layer and the default layout had no
+        # delta layer, so build() worked but every forward raised. The last layer selects.
+        full, delta = full[: n_layers - 1], [n_layers - 1]
     return full, delta
 
 
@@ -66,11 +70,19 @@ class DELTA(Policy):
             full, delta = default_layers(n_layers)
             full = list(self.full_layers) if self.full_layers is not None else full
             delta = list(self.delta_layers) if self.delta_layers is not None else delta
-            bad = [i for i in full + delta if not 0 <= i < n_layers]
-            if bad or not delta:
+            bad = [
+                i for i in full + delta
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers
+            ]
+            if bad:
                 raise ValueError(
-                    f"policy 'delta': layers {bad} out of range for {n_layers} layers, or no delta layer "
-                    f"(full_layers={full}, delta_layers={delta})"
+                    f"policy 'delta': layers {bad} out of range for a model of {n_layers} layers "
+                    f"(full_layers={full}, delta_layers={delta}); expected ints in [0, {n_layers - 1}]"
+                )
+            if not delta:
+                raise ValueError(
+                    f"policy 'delta': delta_layers={delta} is empty; expected at least one layer index "
+                    f"in [0, {n_layers - 1}] to select the tokens"
                 )
             self._layout[n_layers] = (full, delta)
         return self._layout[n_layers]

@@ -47,7 +47,9 @@ class _FilterProbe(Full):
         if layer != self.layer:
             return
         lay = cache.layers[layer]
-        scale = cache.head_dim**-0.5
+        # The model's own softmax scale, recorded by ``attend`` (not head_dim ** -0.5, which
+        # ranked tokens by another attention than the model's, e.g. for Granite).
+        scale = lay.scale
         b = lay.batch_size
         total = None
         for g in lay.groups:

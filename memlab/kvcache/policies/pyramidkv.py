@@ -53,10 +53,15 @@ class PyramidKV(SnapKV):
         super().__post_init__()
 
     def layer_budget(self, layer: int, n_layers: int, seen: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        avg = self.budget(seen)  # (B,) the uniform budget, window included
+        avg = self.budget(seen, cap=not cache.frozen)  # (B,) the uniform budget, window included
         memo = cache.state.setdefault("pyramid", {})
         out = []
         for a, s in zip(avg.tolist(), seen.tolist(), strict=True):
+            if cache.frozen:
+                # Decoding budget of a prompt shorter than the budget: the pyramid of a prompt of
+                # ``a`` tokens, so the cache may grow to the budget instead of evicting each new
+                # token (capping at the prompt's length did).
+                s = max(s, a)
             key = (a, s, n_layers)
             if key not in memo:
                 extra = max(a - self.window, 0)

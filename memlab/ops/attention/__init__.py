@@ -32,6 +32,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 BACKWARD_HEAD_DIMS = (16, 32, 64, 128)
+_WINDOW_CAP = 1 << 30  # the kernels' NO_WINDOW: longer than any sequence
 
 _KERNELS = LazyKernels("flash2", ("memlab.ops.attention.triton", "memlab.ops.attention.decode_triton"))
 _interpreting = interpreting
@@ -131,7 +132,9 @@ def _prepare_head_windows(head_windows: object, h: int, device: torch.device) ->
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
             raise ValueError(f"head_windows entries must be -1 (full) or ints >= 1, got {values}")
-    return torch.tensor(values, dtype=torch.int32, device=device)
+    # A window of 2**30 or more already covers any sequence: clamp, so that windows up to any int
+    # (2**31 - 1, 2**40 as "no limit") fit the int32 table instead of failing its conversion.
+    return torch.tensor([min(value, _WINDOW_CAP) for value in values], dtype=torch.int32, device=device)
 
 
 def _prepare_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor) -> tuple[Tensor, int]:
@@ -299,7 +302,10 @@ def attention(
             raise ValueError(f"give window={window} or head_windows, not both")
         hw = _prepare_head_windows(head_windows, h, q.device)
     if (window is not None or hw is not None) and not causal:
-        raise ValueError("window and head_windows need causal=True (a window ends at the query)")
+        raise ValueError(
+            f"window and head_windows need causal=True (a window ends at the query), got causal=False "
+            f"with window={window}, head_windows={None if hw is None else hw.tolist()}"
+        )
     cu, _ = (None, 0) if cu_seqlens is None else _prepare_cu_seqlens(cu_seqlens, q, k)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))

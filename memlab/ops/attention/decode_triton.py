@@ -200,7 +200,8 @@ def decode_fwd(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         lengths.stride(0), lengths.stride(1),
         tq, hkv, g, n_split, n_row_groups, chunk, scale * LOG2E,
-        int(window) if has_window else NO_WINDOW, sinks,
+        # Clamped like attention's windows (int32 position arithmetic); NO_WINDOW is past any cache.
+        min(int(window), NO_WINDOW) if has_window else NO_WINDOW, sinks,
         D=d, ROWS=rows, BLOCK_N=block_n, HAS_WINDOW=has_window,
         num_warps=num_warps, num_stages=1 if interpret else num_stages,
     )

@@ -600,10 +600,13 @@ def _window_args(
     """(window, per-head window table with NO_WINDOW for -1, whether any window applies)."""
     if head_windows is not None:
         table = head_windows.to(device=device, dtype=torch.int32)
+        # Windows above NO_WINDOW mean the same (no sequence is that long) and are clamped: the
+        # kernels add window to positions in int32, which a window near 2**31 would overflow.
+        table = table.clamp(max=NO_WINDOW)
         table = torch.where(table < 0, torch.full_like(table, NO_WINDOW), table).contiguous()
         return NO_WINDOW, table, True
     if window is not None:
-        return int(window), None, True
+        return min(int(window), NO_WINDOW), None, True
     return NO_WINDOW, None, False
 
 
