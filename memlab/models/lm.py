@@ -171,13 +171,21 @@ class LM(nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        logits, states = self(ids)
-        out = [ids]
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            out.append(nxt)
-            logits, states = self(nxt, states=states)
-        return torch.cat(out, dim=1)
+        # Generation is inference: in training mode a routing mixer would move its cluster
+        # centroids with every generated token. The caller's mode is restored afterwards.
+        was_training = self.training
+        self.eval()
+        try:
+            logits, states = self(ids)
+            out = [ids]
+            for i in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(nxt)
+                if i < max_new_tokens - 1:  # the last token's logits are never used
+                    logits, states = self(nxt, states=states)
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -59,3 +59,20 @@ def test_short_conv_decode_matches_forward_and_is_causal() -> None:
 def test_mixer_options_may_share_a_name_with_lm_arguments() -> None:
     model = LM.from_mixer("memmamba", vocab_size=20, d_model=16, n_layers=1, mixer_options={"n_layers": 1})
     assert len(model.blocks) == 1 and model.blocks[0].mixer.config.n_layers == 1
+
+
+def test_generate_runs_in_eval_mode_and_restores_the_mode() -> None:
+    """A routing mixer updates its centroids only in training mode: generating from a model left
+    in training mode must not move them, and the model comes back in the mode it was in."""
+    from memlab.models.lm import LM
+
+    torch.manual_seed(0)
+    model = LM.from_mixer("routing", vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_clusters=2, window=4)
+    model.train()
+    model(torch.randint(0, 32, (2, 16)))  # the first training forward initialises the centroids
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model.generate(torch.randint(0, 32, (2, 8)), max_new_tokens=5)
+    assert out.shape == (2, 13)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
