@@ -73,6 +73,9 @@ class Mixer(nn.Module):
         super().__init__()
         self.config = config
         self.d_model = config.d_model
+        # Every mixer's state tensors lead with the batch dim; a state from another batch size
+        # would otherwise fail deep inside (a torch.cat shape error that names nothing).
+        self.register_forward_pre_hook(_check_state_batch, with_kwargs=True)
 
     def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: (B, T, d_model) -> y: (B, T, d_model) and the state after the last token."""
@@ -94,6 +97,31 @@ class Mixer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[1] < 1:
             raise ValueError(f"x must hold at least one token, got T={x.shape[1]}")
+
+
+def _first_batch_dim(state: Any) -> int | None:
+    if isinstance(state, torch.Tensor):
+        return state.shape[0] if state.dim() > 0 else None
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    for v in items:
+        b = _first_batch_dim(v)
+        if b is not None:
+            return b
+    return None
+
+
+def _check_state_batch(module: Mixer, args: tuple, kwargs: dict) -> None:
+    state = kwargs.get("state")
+    x = args[0] if args else kwargs.get("x")
+    if state is None or not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return  # check_input names a bad x
+    b = _first_batch_dim(state)
+    if b is not None and b != x.shape[0]:
+        raise ValueError(
+            f"{type(module).__name__}: state holds batch size {b}, but x has batch size {x.shape[0]} "
+            f"(x shape {tuple(x.shape)}); pass the state returned for this batch, or "
+            f"init_state({x.shape[0]}, ...)"
+        )
 
 
 def register(name: str):

@@ -436,3 +436,11 @@ def test_constant_state_bytes_from_the_first_token(name: str) -> None:
             _, state = m(torch.randn(1, length, 32))
             sizes.append(mixers.state_nbytes(state))
     assert len(set(sizes)) == 1, f"state bytes after prefills of 0, 1, 5, 40, 70 tokens: {sizes}"
+
+
+@pytest.mark.parametrize("name", mixers.names())
+def test_state_of_another_batch_size_is_named(name: str) -> None:
+    m = make(name)
+    _, state = m(torch.randn(2, 5, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="state holds batch size 2, but x has batch size 3"):
+        m(torch.randn(3, 1, 32, dtype=torch.float64), state=state)
