@@ -32,6 +32,7 @@ from memlab.bench.measure import live_at_peak
 from memlab.kvcache import KVCache, policies, run_prompt
 from memlab.kvcache.attention import active_layers
 from memlab.kvcache.generate import decode_step
+from memlab.kvcache.policies.alisa import host_nbytes
 
 DEFAULT = ["full", "streaming", "h2o", "alisa", "cake", "delta", "snapkv"]
 
@@ -50,11 +51,10 @@ def smollm2_shaped(device: torch.device, dtype: torch.dtype, max_len: int, layer
 
 def held_bytes(cache: KVCache) -> int:
     """Bytes the cache holds on purpose: keys, values, their metadata, ALISA's host tier, the mask."""
-    host = cache.state.get("alisa_host", {}).values()
     mask = cache.state.get("mask")
-    return cache.nbytes() + cache.metadata_nbytes() + sum(
-        t.numel() * t.element_size() for tier in host for t in tier.values()
-    ) + (0 if mask is None else mask.numel() * mask.element_size())
+    return cache.nbytes() + cache.metadata_nbytes() + host_nbytes(cache, metadata=True) + (
+        0 if mask is None else mask.numel() * mask.element_size()
+    )
 
 
 def measure(model: Any, name: str, cfg: dict[str, Any], length: int, steps: int, device: torch.device,

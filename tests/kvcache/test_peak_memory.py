@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memlab.kvcache.cache as cache_mod
 from memlab.bench.live_bytes import LiveBytes
 from memlab.kvcache import KVCache, decode_step, policies, run_prompt
+from memlab.kvcache.policies.alisa import host_nbytes
 
 T = 2048
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 32
@@ -77,8 +78,7 @@ def test_prefill_peak_stays_near_full(setup, name: str) -> None:
         r = HEADS // KV_HEADS
         allowed += 2 * r * 256 * T * 4  # logits and softmax of one KV head's block of queries
     elif name == "alisa":
-        host = cache.state.get("alisa_host", {}).values()
-        allowed += sum(t.numel() * t.element_size() for tier in host for t in tier.values())
+        allowed += host_nbytes(cache, metadata=True)
     elif name == "duo":
         allowed += 512 * T * 3  # the bool window mask and SDPA's bf16 additive mask per block
     mib = 2**20
@@ -106,10 +106,7 @@ def test_windowed_dense_attention_in_query_blocks_is_exact(monkeypatch) -> None:
 
 def held_bytes(cache: KVCache) -> int:
     """Bytes the cache holds on purpose: keys, values, their metadata, and ALISA's host tier."""
-    host = cache.state.get("alisa_host", {}).values()
-    return cache.nbytes() + cache.metadata_nbytes() + sum(
-        t.numel() * t.element_size() for tier in host for t in tier.values()
-    )
+    return cache.nbytes() + cache.metadata_nbytes() + host_nbytes(cache, metadata=True)
 
 
 @pytest.mark.parametrize("name", ["full", *SPECS])

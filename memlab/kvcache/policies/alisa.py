@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 
 
 
-def host_nbytes(cache: KVCache) -> int:
-    """Bytes of keys and values held in ALISA's host tier (its buffers, as allocated)."""
-    return sum(tier.nbytes() for tier in cache.state.get("alisa_host", {}).values())
+def host_nbytes(cache: KVCache, metadata: bool = False) -> int:
+    """Bytes of keys and values held in ALISA's host tier (its buffers, as allocated); with
+    ``metadata``, its positions, scores and row masks too. Reads nothing through the tiers'
+    mapping interface, which would trim them."""
+    return sum(tier.nbytes(metadata) for tier in cache.state.get("alisa_host", {}).values())
 
 
 # Per-row fields of a host tier, stored row-major: (C, B, G, D) keys and values, (C, B, G)
@@ -81,8 +83,12 @@ class HostTier(Mapping):
     def capacity(self) -> int:
         return self.buf["keys"].shape[0] if self.buf else 0
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for n, t in self.buf.items() if n in ("keys", "values"))
+    def nbytes(self, metadata: bool = False) -> int:
+        """Bytes of the key and value buffers; with ``metadata``, of every buffer."""
+        held = [t for n, t in self.buf.items() if metadata or n in ("keys", "values")]
+        if metadata and self.valid is not None:
+            held.append(self.valid)
+        return sum(t.numel() * t.element_size() for t in held)
 
     # --- writing ----------------------------------------------------------------------------
     def append(self, block: dict[str, torch.Tensor], valid: torch.Tensor | None, cap: int) -> None:
