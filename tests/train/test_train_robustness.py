@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from trainhelp import StepRecorder, copy_prev, tiny_model
 
 from memlab import tasks
-from memlab.models.lm import LM
 from memlab.tasks import TokenData
-from memlab.train import TrainConfig, lr_at, seed_everything, train
+from memlab.train import TrainConfig, lr_at, train
 
 
 @pytest.fixture(autouse=True)
@@ -23,33 +23,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_model(seed: int, vocab: int = 24) -> LM:
-    seed_everything(seed)
-    return LM.from_mixer("attention", vocab_size=vocab, d_model=16, n_layers=1, n_heads=2)
-
-
-def copy_prev(n: int, length: int, seed: int, vocab: int = 24) -> TokenData:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab, (n, length), generator=g)
-    y = torch.full_like(x, -100)
-    y[:, 1:] = x[:, :-1]
-    return TokenData(x, y)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-        self.norms: list[float] = []
-
-    def __call__(self, optimizer, args, kwargs) -> None:
-        self.lrs.append(optimizer.param_groups[0]["lr"])
-        grads = [p.grad.norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
-
-
 @pytest.fixture
 def recorder():
-    rec = Recorder()
+    rec = StepRecorder()
     handle = register_optimizer_step_pre_hook(rec)
     yield rec
     handle.remove()
@@ -80,7 +56,7 @@ def test_mqar_data_trains_and_evaluates_with_other_sizes() -> None:
 class PrevTokenOracle(torch.nn.Module):
     """Predicts the previous token (copy_prev's labels) exactly; a bias keeps the optimizer busy."""
 
-    def __init__(self, vocab: int = 24) -> None:
+    def __init__(self, vocab: int = 32) -> None:
         super().__init__()
         self.vocab = vocab
         self.bias = torch.nn.Parameter(torch.zeros(vocab))
@@ -101,7 +77,7 @@ def test_early_stop_after_the_first_epoch_that_reaches_the_target(target: float)
 
 def test_no_early_stop_when_one_eval_set_misses_the_target() -> None:
     data, test = copy_prev(40, 8, 0), copy_prev(16, 8, 1)
-    wrong = TokenData(test.inputs, torch.where(test.targets >= 0, (test.targets + 1) % 24, test.targets))
+    wrong = TokenData(test.inputs, torch.where(test.targets >= 0, (test.targets + 1) % 32, test.targets))
     cfg = TrainConfig(lr=1e-4, epochs=3, batch_size=8, progress=False, target_accuracy=0.5)
     result = train(PrevTokenOracle(), [data], {"t": test, "w": wrong}, cfg, "cpu")
     assert not result.stopped_early and result.epochs_run == 3 and result.steps == 15
@@ -142,7 +118,7 @@ def test_time_cap_stops_at_the_step_the_clock_says(monkeypatch, cap: float, expe
 
 
 @pytest.mark.parametrize("warmup", [1, 3, 7])
-def test_warmup_ramps_linearly_then_decays(recorder: Recorder, warmup: int) -> None:
+def test_warmup_ramps_linearly_then_decays(recorder: StepRecorder, warmup: int) -> None:
     data = copy_prev(40, 8, 0)
     cfg = TrainConfig(lr=2e-3, epochs=2, batch_size=8, warmup_steps=warmup, progress=False)
     train(tiny_model(1), [data], {}, cfg, "cpu")
@@ -155,14 +131,14 @@ def test_warmup_ramps_linearly_then_decays(recorder: Recorder, warmup: int) -> N
     assert all(a >= b for a, b in zip(recorder.lrs[warmup:], recorder.lrs[warmup + 1 :], strict=False))
 
 
-def test_warmup_longer_than_the_run_never_exceeds_lr(recorder: Recorder) -> None:
+def test_warmup_longer_than_the_run_never_exceeds_lr(recorder: StepRecorder) -> None:
     cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=8, warmup_steps=100, progress=False)
     train(tiny_model(1), [copy_prev(24, 8, 0)], {}, cfg, "cpu")
     assert recorder.lrs == pytest.approx([1e-3 * (i + 1) / 100 for i in range(3)])
 
 
 @pytest.mark.parametrize("clip", [1e-3, 0.05])
-def test_gradient_clipping_at_other_thresholds(recorder: Recorder, monkeypatch, clip: float) -> None:
+def test_gradient_clipping_at_other_thresholds(recorder: StepRecorder, monkeypatch, clip: float) -> None:
     clipped: list[float] = []
     original = torch.nn.utils.clip_grad_norm_
 
@@ -174,15 +150,15 @@ def test_gradient_clipping_at_other_thresholds(recorder: Recorder, monkeypatch, 
     cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=8, grad_clip=clip, progress=False)
     train(tiny_model(2), [copy_prev(32, 8, 0)], {}, cfg, "cpu")
     assert clipped == [clip] * 4
-    assert all(n <= clip * (1 + 1e-4) for n in recorder.norms)
+    assert all(n <= clip * (1 + 1e-4) for n in recorder.grad_norms)
 
 
-def test_no_clipping_leaves_gradients_alone(recorder: Recorder, monkeypatch) -> None:
+def test_no_clipping_leaves_gradients_alone(recorder: StepRecorder, monkeypatch) -> None:
     calls: list[float] = []
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1.0))
     cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=8, grad_clip=None, progress=False)
     train(tiny_model(2), [copy_prev(32, 8, 0)], {}, cfg, "cpu")
-    assert calls == [] and len(recorder.norms) == 4
+    assert calls == [] and len(recorder.grad_norms) == 4
 
 
 @pytest.mark.parametrize("key", ["lrr", "epoch", "max_train_seconds", "clip"])
