@@ -4,14 +4,19 @@ that differences come from the cache, not from rounding."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+import transformers
 
 VOCAB = 97
 
 
-def tiny_model(kind: str = "llama", *, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+def tiny_model(kind: str = "llama", *, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+               **extra):
+    """A tiny random causal LM in float64: ``kind`` "llama", "qwen2", or any transformers
+    architecture prefix (``"Mistral"`` for MistralConfig / MistralForCausalLM); ``extra`` goes to
+    its config."""
     torch.manual_seed(seed)
-    common = dict(
+    arch = {"llama": "Llama", "qwen2": "Qwen2"}.get(kind, kind)
+    cfg = getattr(transformers, f"{arch}Config")(
         vocab_size=VOCAB,
         hidden_size=16 * heads,
         intermediate_size=64,
@@ -19,14 +24,10 @@ def tiny_model(kind: str = "llama", *, layers: int = 2, heads: int = 4, kv_heads
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=1024,
-        attn_implementation="sdpa",
+        **extra,
     )
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        raise ValueError(kind)
+    cfg._attn_implementation = "sdpa"
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
     # Larger than default init spreads attention, so that policies disagree on what to keep.
     with torch.no_grad():
         for name, p in model.named_parameters():

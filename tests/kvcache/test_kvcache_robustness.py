@@ -28,26 +28,8 @@ ARCH_EXTRA = {
 }
 
 
-def arch_model(arch: str, *, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0, **extra):
-    torch.manual_seed(seed)
-    cfg = getattr(transformers, f"{arch}Config")(
-        vocab_size=VOCAB,
-        hidden_size=16 * heads,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        **{**ARCH_EXTRA.get(arch, {}), **extra},
-    )
-    cfg._attn_implementation = "sdpa"
-    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
-    with torch.no_grad():  # spread attention, as kvtiny does, so that policies disagree
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-    model.generation_config.eos_token_id = None
-    return model.double().eval()
+def arch_model(arch: str, **options):
+    return tiny_model(arch, **{**ARCH_EXTRA.get(arch, {}), **options})
 
 
 def hf_greedy(model, ids: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
