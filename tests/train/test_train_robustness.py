@@ -7,28 +7,11 @@ import math
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from trainhelp import StepRecorder, copy_prev, tiny_model
 
 from memlab import tasks
 from memlab.tasks import TokenData
 from memlab.train import TrainConfig, lr_at, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def recorder():
-    rec = StepRecorder()
-    handle = register_optimizer_step_pre_hook(rec)
-    yield rec
-    handle.remove()
 
 
 @pytest.mark.parametrize("seed", [3, 12345])

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from trainhelp import StepRecorder, copy_prev, tiny_model
 
 from memlab import tasks
@@ -21,23 +20,6 @@ from memlab.train import (
     seed_everything,
     train,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a shared 2-core machine a second thread only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def recorder():
-    rec = StepRecorder()
-    handle = register_optimizer_step_pre_hook(rec)
-    yield rec
-    handle.remove()
 
 
 def test_same_seed_same_loss_curve_bitwise() -> None:
