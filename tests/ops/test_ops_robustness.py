@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 from flash2_util import assert_within_2x
+from test_scan import _run as scan_run  # output, state and gradients of one scan call
 
 from memlab.ops import attention as attn_ops
 from memlab.ops import scan as scan_ops
@@ -301,16 +302,6 @@ def _scan_inputs(b, t, d, n, *, seed, has_d=True, has_z=True, has_h0=True):
     return [None if v is None else v.to(DEVICE) for v in (x, delta, a, bm, cm, dskip, z, h0)]
 
 
-def _scan_run(fn, inputs, dy, dh, **kwargs):
-    given = [v.detach().clone().requires_grad_() if v is not None else None for v in inputs]
-    x, delta, a, bm, cm, dskip, z, h0 = given
-    y, h_t = fn(x, delta, a, bm, cm, dskip, z, h0=h0, return_state=True, **kwargs)
-    loss = (y.double() * dy.double()).sum() + (h_t.double() * dh.double()).sum()
-    leaves = [v for v in given if v is not None]
-    grads = iter(torch.autograd.grad(loss, leaves))
-    return y, h_t, [next(grads) if v is not None else None for v in given]
-
-
 def _rel(got, ref):
     diff = (got.double() - ref.double()).norm().item()
     scale = ref.double().norm().item()
@@ -351,8 +342,8 @@ def test_scan_odd_shapes(name) -> None:
     g = torch.Generator().manual_seed(3)
     dy = torch.randn(b, t, d, generator=g).to(DEVICE)
     dh = torch.randn(b, d, n, generator=g).to(DEVICE)
-    _assert_scan_close(name, _scan_run(selective_scan, inputs, dy, dh),
-                       _scan_run(selective_scan_reference, _as64(inputs), dy, dh))
+    _assert_scan_close(name, scan_run(selective_scan, inputs, dy, dh),
+                       scan_run(selective_scan_reference, _as64(inputs), dy, dh))
 
 
 @needs_scan_kernels
@@ -364,7 +355,7 @@ def test_scan_chunked_with_state_passing_equals_one_pass() -> None:
     g = torch.Generator().manual_seed(4)
     dy = torch.randn(b, t, d, generator=g).to(DEVICE)
     dh = torch.randn(b, d, n, generator=g).to(DEVICE)
-    one = _scan_run(selective_scan, inputs, dy, dh)
+    one = scan_run(selective_scan, inputs, dy, dh)
 
     given = [v.detach().clone().requires_grad_() for v in inputs]
     x, delta, a, bm, cm, dskip, z, h = given
@@ -413,8 +404,8 @@ def test_scan_non_contiguous_and_half_inputs() -> None:
     h0 = torch.randn(b, d, n, generator=g).to(DEVICE, BF16)
     inputs = [x, delta, a, bm, cm, dskip, None, h0]
     dy, dh = torch.randn(b, t, d, generator=g).to(DEVICE), torch.randn(b, d, n, generator=g).to(DEVICE)
-    y, h_t, grads = _scan_run(selective_scan, inputs, dy, dh)
-    y64, h64, grads64 = _scan_run(selective_scan_reference, _as64(inputs), dy, dh)
+    y, h_t, grads = scan_run(selective_scan, inputs, dy, dh)
+    y64, h64, grads64 = scan_run(selective_scan_reference, _as64(inputs), dy, dh)
     assert _rel(y, y64) < 1e-5 and _rel(h_t, h64) < 1e-5
     for name, got, ref, inp in zip(SCAN_NAMES, grads, grads64, inputs, strict=True):
         if ref is None:
