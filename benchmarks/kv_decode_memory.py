@@ -32,7 +32,6 @@ from memlab.bench.measure import live_at_peak
 from memlab.kvcache import KVCache, policies, run_prompt
 from memlab.kvcache.attention import active_layers
 from memlab.kvcache.generate import decode_step
-from memlab.kvcache.policies.alisa import host_nbytes
 
 DEFAULT = ["full", "streaming", "h2o", "alisa", "cake", "delta", "snapkv"]
 
@@ -47,14 +46,6 @@ def smollm2_shaped(device: torch.device, dtype: torch.dtype, max_len: int, layer
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-
-
-def held_bytes(cache: KVCache) -> int:
-    """Bytes the cache holds on purpose: keys, values, their metadata, ALISA's host tier, the mask."""
-    mask = cache.state.get("mask")
-    return cache.nbytes() + cache.metadata_nbytes() + host_nbytes(cache, metadata=True) + (
-        0 if mask is None else mask.numel() * mask.element_size()
-    )
 
 
 def measure(model: Any, name: str, cfg: dict[str, Any], length: int, steps: int, device: torch.device,
@@ -117,7 +108,7 @@ def measure(model: Any, name: str, cfg: dict[str, Any], length: int, steps: int,
         if tracker is not None:
             tracker.__exit__(None, None, None)
     row["autograd"] = autograd
-    row["held_bytes"] = held_bytes(cache)
+    row["held_bytes"] = cache.held_nbytes()
     if tracker is not None and per_step:
         # The cache's buffers are rebuilt as it grows or evicts, so they are among the tensors
         # made during the steps; anything alive beyond them is kept by something else.

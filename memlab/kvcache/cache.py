@@ -650,6 +650,14 @@ class KVCache(Cache):
         """Bytes of positions, lengths, statistics and observation queries held beside the KV."""
         return sum(layer.metadata_nbytes() for layer in self.layers)
 
+    def held_nbytes(self) -> int:
+        """Every byte the cache holds on purpose: keys and values, their metadata, what the
+        policy keeps elsewhere (ALISA's host tier) and the attention mask of a padded batch.
+        Decoding should keep nothing alive beyond this (benchmarks and tests check it)."""
+        mask = self.state.get("mask")
+        mask_bytes = 0 if mask is None else mask.numel() * mask.element_size()
+        return self.nbytes() + self.metadata_nbytes() + self.policy.extra_nbytes(self, True) + mask_bytes
+
     def full_nbytes(self) -> int:
         """Bytes a transformers DynamicCache would hold for the same columns and batch."""
         layer = self.layers[0]

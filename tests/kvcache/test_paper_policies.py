@@ -228,6 +228,11 @@ def test_alisa_offloads_evicted_tokens_and_caps_the_host_tier() -> None:
     host = set(tier["positions"][0, : int(tier["lengths"][0, 0]), 0].tolist())
     assert dev | host == set(range(30)) and not dev & host  # phase II: nothing lost yet
     assert tier["keys"].device.type == "cpu" and host_nbytes(cache) > 0
+    # held_nbytes counts the host tier with its bookkeeping beside the device tier (and the mask)
+    mask = cache.state["mask"]
+    extra = host_nbytes(cache, metadata=True) + mask.numel() * mask.element_size()
+    assert cache.held_nbytes() == cache.nbytes() + cache.metadata_nbytes() + extra
+    assert host_nbytes(cache, metadata=True) > host_nbytes(cache)
     for step in range(12):
         prefill(model, random_ids(1, 1, seed=40 + step), cache)
         assert cache.nbytes() == 2 * kv_bytes(model, 12)  # the device tier keeps its budget

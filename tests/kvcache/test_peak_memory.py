@@ -19,7 +19,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memlab.kvcache.cache as cache_mod
 from memlab.bench.live_bytes import LiveBytes
 from memlab.kvcache import KVCache, decode_step, policies, run_prompt
-from memlab.kvcache.policies.alisa import host_nbytes
 
 T = 2048
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 32
@@ -78,7 +77,7 @@ def test_prefill_peak_stays_near_full(setup, name: str) -> None:
         r = HEADS // KV_HEADS
         allowed += 2 * r * 256 * T * 4  # logits and softmax of one KV head's block of queries
     elif name == "alisa":
-        allowed += host_nbytes(cache, metadata=True)
+        allowed += cache.policy.extra_nbytes(cache, metadata=True)
     elif name == "duo":
         allowed += 512 * T * 3  # the bool window mask and SDPA's bf16 additive mask per block
     mib = 2**20
@@ -102,11 +101,6 @@ def test_windowed_dense_attention_in_query_blocks_is_exact(monkeypatch) -> None:
     for block in (64, 37):
         assert torch.equal(out[block][0], out[10_000][0])
         assert all(torch.equal(a, b) for a, b in zip(out[block][1], out[10_000][1], strict=True))
-
-
-def held_bytes(cache: KVCache) -> int:
-    """Bytes the cache holds on purpose: keys, values, their metadata, and ALISA's host tier."""
-    return cache.nbytes() + cache.metadata_nbytes() + host_nbytes(cache, metadata=True)
 
 
 @pytest.mark.parametrize("name", ["full", *SPECS])
@@ -133,8 +127,8 @@ def test_decoding_keeps_nothing_but_the_cache(setup, name: str, monkeypatch) -> 
             nxt = logits.argmax(-1)
     assert not logits.requires_grad
     # Tensors made during the steps and still alive can only be the cache's own: its buffers are
-    # rebuilt as it grows or evicts, so they count whole (plus the (B, L) padding mask).
-    held = held_bytes(cache) + cache.state["mask"].numel() * 8
+    # rebuilt as it grows or evicts, so they count whole (with the (B, L) padding mask).
+    held = cache.held_nbytes()
     kib = 1024
     assert m.current <= held + 64 * kib, f"{name}: {m.current / kib:.0f} KiB kept, cache {held / kib:.0f}"
     # Transient: a step rebuilds a layer's buffers (concatenation on append, gather on eviction)

@@ -303,6 +303,9 @@ class ALISA(Policy):
         return importance.masked_fill(local, float("inf"))
 
     # --- the host tier ---------------------------------------------------------------------
+    def extra_nbytes(self, cache: KVCache, metadata: bool = False) -> int:
+        return host_nbytes(cache, metadata)
+
     def _tier(self, cache: KVCache, layer: int, group: int) -> HostTier | None:
         return cache.state.setdefault("alisa_host", {}).get((layer, group))
 

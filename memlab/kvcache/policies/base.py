@@ -243,6 +243,11 @@ class Policy:
     def refill(self, cache: KVCache, layer: Any, group: int) -> None:
         """Called before a decoding-time eviction of a head group (ALISA brings rows back)."""
 
+    def extra_nbytes(self, cache: KVCache, metadata: bool = False) -> int:
+        """Bytes the policy holds outside the cache's layers (ALISA's host tier); with
+        ``metadata``, its bookkeeping too. Counted by ``KVCache.held_nbytes``."""
+        return 0
+
     def attention_window(self, layer: int, group: int) -> tuple[int, int] | None:
         """(window, sinks) restricting what a head group's queries read (DuoAttention's
         streaming heads), or None for full causal attention."""
