@@ -133,7 +133,9 @@ SMOKE = {
 
 
 # -- the two models -------------------------------------------------------------------------
-def memlab_model(cfg: dict[str, Any], vocab: int) -> LM:
+def memlab_model(cfg: dict[str, Any], vocab: int, short_conv: int = 0) -> LM:
+    """``short_conv``: memlab LM's causal depthwise convolution before every mixer (the passkey
+    suites use 4 taps); titans-pytorch has no such layer, so only 0 is matched."""
     spec = {
         "mixer": "titans_mac",
         "n_heads": cfg["n_heads"],
@@ -144,7 +146,7 @@ def memlab_model(cfg: dict[str, Any], vocab: int) -> LM:
         "lr_max": cfg["lr_max"],
     }
     layers = [dict(spec) for _ in range(cfg["n_layers"])]
-    return LM(LMConfig(vocab_size=vocab, d_model=cfg["d_model"], layers=layers))
+    return LM(LMConfig(vocab_size=vocab, d_model=cfg["d_model"], layers=layers, short_conv=short_conv))
 
 
 class PeerLM(nn.Module):
@@ -320,8 +322,11 @@ def run_task(
     device: torch.device,
     train_budget_s: float,
     results: dict[str, Any],
+    train_tokens: float | None = None,
+    epochs: int = 1,
 ) -> dict[str, nn.Module]:
-    """Size the data from the slower model, train both on it, test both; returns the trained models."""
+    """Size the data from the slower model (or take ``train_tokens`` per epoch), train every model
+    on it for ``epochs`` passes, test them all; returns the trained models."""
     tcfg = cfg[kind]
     out: dict[str, Any] = {"config": tcfg}
     results[kind] = out
@@ -351,7 +356,7 @@ def run_task(
     # Token budget from the slower model at the longest train shape; the optimizer and the
     # evaluation cost on top of forward + backward, so 70% of the time goes to the steps.
     slowest = min(speeds.values()) if speeds else 0.0
-    budget = min(tcfg["max_tokens"], 0.7 * train_budget_s * slowest)
+    budget = train_tokens or min(tcfg["max_tokens"], 0.7 * train_budget_s * slowest / epochs)
     train_data = []
     for j, spec in enumerate(sets):
         extra = {k: v for k, v in spec.items() if k != "tokens"}
@@ -375,7 +380,8 @@ def run_task(
         mres: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
         out[name] = mres
         tc = TrainConfig(
-            lr=cfg["lr"], epochs=1, batch_size=tcfg["batch_size"], warmup_steps=20, seed=0, progress=False
+            lr=cfg["lr"], epochs=epochs, batch_size=tcfg["batch_size"], warmup_steps=20, seed=0,
+            progress=False,
         )
         res = attempt(
             mres, "train", lambda model=model, tc=tc: train(model, train_data, {}, tc, device), device
@@ -422,7 +428,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="d_model 64, passkey trained at 64+256 tokens and tested to 2048 (CPU machine)")
     ap.add_argument("--device", default=None, help="default: cuda when present (cpu with --smoke)")
     ap.add_argument("--train-budget", type=float, default=55.0, help="seconds per training (4 trainings)")
+    ap.add_argument("--tasks", nargs="+", choices=["mqar", "passkey"], default=["mqar", "passkey"])
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the training data (same for all)")
+    ap.add_argument("--train-tokens", type=float, default=None,
+                    help="training tokens per epoch for every model (default: from --train-budget)")
+    ap.add_argument("--memlab-short-conv", type=int, nargs="+", default=[0], metavar="K",
+                    help="one memlab model per value: its LM's short convolution taps (0: none, matched)")
     args = ap.parse_args(argv)
+    if args.epochs < 1:
+        ap.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.train_tokens is not None and args.train_tokens <= 0:
+        ap.error(f"--train-tokens must be > 0, got {args.train_tokens}")
+    if any(k < 0 for k in args.memlab_short_conv):
+        ap.error(f"--memlab-short-conv values must be >= 0, got {args.memlab_short_conv}")
     try:
         import titans_pytorch  # noqa: F401
     except ImportError as exc:
@@ -461,11 +479,15 @@ def main(argv: list[str] | None = None) -> int:
             "not_matched": "titans-pytorch: learned long-term memory tokens per segment "
             f"({cfg['peer_longterm_tokens']}), axial position embedding, value residual, untied embeddings, "
             "memory chunk = segment + memory tokens; memlab: one memory token per segment query M(q), "
-            "output gate from the memory, rotary positions, tied embeddings",
+            "output gate from the memory, rotary positions, tied embeddings; memlab_convK models: a K-tap "
+            "causal depthwise convolution before every mixer (memlab's passkey suites use 4)",
             "peer_adjustment": "titans-pytorch's per-head initial memory weights are zero-stride views "
             "(one tensor broadcast over heads) that in-place optimizer steps reject; each head gets its own "
             "copy of the same initial values before training",
             "train_budget_s": budget,
+            "train_tokens_per_epoch": args.train_tokens,
+            "epochs": args.epochs,
+            "memlab_short_conv": args.memlab_short_conv,
             "wall_s": time.perf_counter() - t0,
             "results": results,
         }
@@ -476,13 +498,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} in {payload['wall_s']:.0f} s")
 
     t0 = time.perf_counter()
-    models = {"memlab": lambda v: memlab_model(cfg, v), "titans_pytorch": lambda v: PeerLM(cfg, v)}
+    models: dict[str, Callable[[int], nn.Module]] = {
+        ("memlab" if k == 0 else f"memlab_conv{k}"): (lambda v, k=k: memlab_model(cfg, v, short_conv=k))
+        for k in args.memlab_short_conv
+    }
+    models["titans_pytorch"] = lambda v: PeerLM(cfg, v)
     results: dict[str, Any] = {}
-    run_task("mqar", cfg, models, device=device, train_budget_s=budget, results=results)
-    save(False)
-    trained = run_task("passkey", cfg, models, device=device, train_budget_s=budget, results=results)
-    save(False)
+    trained: dict[str, nn.Module] = {}
+    for kind in args.tasks:
+        trained = run_task(kind, cfg, models, device=device, train_budget_s=budget, results=results,
+                           train_tokens=args.train_tokens, epochs=args.epochs)
+        save(False)
 
+    if "passkey" not in args.tasks:  # decoding is timed on passkey prompts, with passkey-trained models
+        save(True)
+        return 0
     decode: dict[str, Any] = {}
     results["decode"] = decode
     passkey = tasks.build("passkey", **cfg["passkey"]["task"], seq_len=max(cfg["decode"]["lengths"]))
@@ -490,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     for length in cfg["decode"]["lengths"]:
         ids = prompt[:, :length]
         for name, model in trained.items():
-            fn = prefill_and_decode if name == "memlab" else peer_prefill_and_decode
+            fn = prefill_and_decode if name.startswith("memlab") else peer_prefill_and_decode
             attempt(
                 decode,
                 f"{name} L{length}",
