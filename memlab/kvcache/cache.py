@@ -575,6 +575,31 @@ class KVCache(Cache):
             self.freeze()
         return self.layers[layer_idx].update(key_states, value_states)
 
+    # --- selecting rows of the batch (beam search's reorder, contrastive search, user code) ---
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows ``indices`` ((N,) int64, repeats allowed, or (B,) bool) of the batch: every
+        layer's rows, the frozen prompt lengths, the padding mask and the policy's own state."""
+        device = self.layers[0].device if self.layers[0].is_initialized else None
+        indices = torch.as_tensor(indices, device=device)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+        if self.frozen_seen is not None:
+            self.frozen_seen = self.frozen_seen.index_select(0, indices.to(self.frozen_seen.device))
+        mask = self.state.get("mask")
+        if mask is not None:
+            self.state["mask"] = mask.index_select(0, indices.to(mask.device))
+        self.policy.select_batch(self, indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.layers[0].is_initialized:
+            return
+        self.batch_select_indices(torch.arange(self.layers[0].batch_size).repeat_interleave(repeats))
+
     def freeze(self) -> None:
         """End the prompt: later tokens are appended (and evicted only with ``compress_decoding``)."""
         if not self.layers[0].is_initialized:

@@ -438,3 +438,48 @@ def test_budget_formula_matches_its_documentation() -> None:
         got = policies.build("snapkv", ratio=r, window=4).budget(seen).tolist()
         want = [min(s, max(4, math.ceil(round(r * s, 9)))) for s in seen.tolist()]
         assert got == want, r
+
+
+# --- selecting and reordering rows of the batch (beam search, contrastive search) ----------------
+@pytest.mark.parametrize("name,cfg", BATCHED)
+def test_selecting_batch_rows_mid_decoding_equals_decoding_those_rows(name: str, cfg: dict) -> None:
+    """``batch_select_indices`` (what beam search's ``reorder_cache`` calls) after a few decoding
+    steps: the selected rows then decode exactly as the same rows of the unselected cache, with
+    left padding (the mask, the frozen prompt lengths) and eviction during decoding (ALISA's host
+    tier, DELTA's selections) moved along."""
+    model = tiny_model("llama", heads=6, kv_heads=2)
+    ids, mask, _ = left_padded([17, 9, 13])
+    question = random_ids(3, 3, seed=9)
+    pick = torch.tensor([2, 0, 0, 1])  # a reorder with a repeat, as beam search makes
+
+    def start() -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache(model.config, policy=build(name, **cfg))
+        nxt = run_prompt(model, ids, cache, attention_mask=mask, question_ids=question, chunk=4).argmax(-1)
+        for _ in range(3):
+            nxt = decode_step(model, cache, nxt).argmax(-1)
+        return cache, nxt
+
+    ref_cache, ref_tok = start()
+    cache, tok = start()
+    cache.batch_select_indices(pick)
+    tok = tok[pick]
+    assert torch.equal(cache.seen, ref_cache.seen[pick])
+    for step in range(4):
+        ref = decode_step(model, ref_cache, ref_tok)
+        got = decode_step(model, cache, tok)
+        torch.testing.assert_close(got, ref[pick], rtol=0, atol=1e-10, msg=f"{name} step {step}")
+        ref_tok, tok = ref.argmax(-1), got.argmax(-1)
+    assert cache.nbytes() == sum(
+        g.nbytes() for lay in cache.layers for g in lay.groups
+    ) and cache.kept_tokens().shape[1] == len(pick)
+
+
+def test_full_policy_beam_search_equals_transformers() -> None:
+    """transformers' beam search (its ``reorder_cache`` every step) over a padded batch."""
+    model = tiny_model("llama", heads=6, kv_heads=2)
+    ids, mask, _ = left_padded([17, 9, 13])
+    kw = {"attention_mask": mask, "num_beams": 3, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    model.config._attn_implementation = "sdpa"
+    ref = model.generate(ids, **kw)
+    got = model.generate(ids, past_key_values=KVCache(model.config, policy=policies.build("full")), **kw)
+    assert torch.equal(got, ref)

@@ -124,6 +124,18 @@ class HostTier(Mapping):
             self.valid[rows].copy_(valid, non_blocking=True)
         self.used += n
 
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep batch rows ``indices`` (N,) of every buffer (beam search reorders the cache)."""
+        if not self.buf:
+            return
+        self._wait()
+        idx = indices.to(self.device)
+        rows = {name: self.buf[name][: self.used].index_select(1, idx) for name in _FIELDS}
+        valid = None if self.valid is None else self.valid[: self.used].index_select(1, idx)
+        used = self.used
+        self._alloc(self.capacity, rows)
+        self._store(rows, valid, used)
+
     def clear(self) -> None:
         """Drop every row (the buffers stay allocated)."""
         self.used = 0
@@ -305,6 +317,10 @@ class ALISA(Policy):
     # --- the host tier ---------------------------------------------------------------------
     def extra_nbytes(self, cache: KVCache, metadata: bool = False) -> int:
         return host_nbytes(cache, metadata)
+
+    def select_batch(self, cache: KVCache, indices: torch.Tensor) -> None:
+        for tier in cache.state.get("alisa_host", {}).values():
+            tier.select_batch(indices)
 
     def _tier(self, cache: KVCache, layer: int, group: int) -> HostTier | None:
         return cache.state.setdefault("alisa_host", {}).get((layer, group))

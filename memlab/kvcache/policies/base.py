@@ -243,6 +243,10 @@ class Policy:
     def refill(self, cache: KVCache, layer: Any, group: int) -> None:
         """Called before a decoding-time eviction of a head group (ALISA brings rows back)."""
 
+    def select_batch(self, cache: KVCache, indices: torch.Tensor) -> None:
+        """Called when the cache keeps rows ``indices`` (N,) of its batch (beam search): policies
+        whose ``cache.state`` holds per-sequence tensors select them too."""
+
     def extra_nbytes(self, cache: KVCache, metadata: bool = False) -> int:
         """Bytes the policy holds outside the cache's layers (ALISA's host tier); with
         ``metadata``, its bookkeeping too. Counted by ``KVCache.held_nbytes``."""

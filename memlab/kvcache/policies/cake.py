@@ -89,6 +89,13 @@ class CAKE(Policy):
         budgets = cache.state.get("cake_budget", {})
         return budgets.get(layer)
 
+    def select_batch(self, cache: KVCache, indices: torch.Tensor) -> None:
+        # Per-sequence layer budgets (B,) and preferences (B,), kept for decoding.
+        for key in ("cake_budget", "cake_pref"):
+            per_layer = cache.state.get(key, {})
+            for layer, t in per_layer.items():
+                per_layer[layer] = t.index_select(0, indices.to(t.device))
+
     def score(self, obs: Observation) -> torch.Tensor:
         probs = obs.window_probs()  # (B, G, R, W, S)
         n_q = obs.query_valid.sum(dim=1).clamp(min=1).to(probs.dtype)[:, None, None, None]
