@@ -81,6 +81,12 @@ def mqar_suite(tmp_path: Path, old: str = "", new: str = "", name: str = "suite.
         ("options = { n_heads = 1 }", "options = { n_head = 1 }", ["n_head", "attention"]),
         ("lr = [1e-3]", 'lr = ["fast"]', ["lr", "'fast'"]),
         ('job = "mqar"', 'job = "mqar"\nn_layers = 0', ["n_layers", "0"]),
+        (  # more sets than data seeds a suite seed owns: they would reuse the next seed's data
+            "test_sets = [ { seq_len = 16, num_pairs = 2, num_examples = 8 } ]",
+            "test_sets = [" + ", ".join(f"{{ seq_len = 16, num_pairs = 2, num_examples = 8, name = 's{i}' }}"
+                                         for i in range(1001)) + "]",
+            ["test_sets", "1001 sets", "at most 1000"],
+        ),
     ],
 )
 def test_bad_mqar_sections_name_the_problem(tmp_path, old: str, new: str, words: list[str]) -> None:

@@ -137,10 +137,13 @@ def set_name(options: dict[str, Any]) -> str:
     return " ".join(parts) or "default"
 
 
+_MAX_SETS = 1000  # train or test sets per section: each suite seed owns 1000 data seeds of each kind
+
+
 def _data_seed(seed: int, index: int, test: bool) -> int:
     # Train sets get even seeds, test sets odd ones: they never share a generator stream, and
     # every run with the same suite seed sees the same data (a fair comparison across lrs).
-    return 2 * (1000 * seed + index) + int(test)
+    return 2 * (_MAX_SETS * seed + index) + int(test)
 
 
 @register_job("mqar")
@@ -174,6 +177,9 @@ class MQARJob(Job):
         check_keys(train_opts, train_fields, f"{where} train")
         train_sets = self._sets(table["train_sets"], f"{where} train_sets", overrides)
         test_sets = self._sets(table["test_sets"], f"{where} test_sets", overrides)
+        for kind, sets in (("train_sets", train_sets), ("test_sets", test_sets)):
+            if len(sets) > _MAX_SETS:  # their data seeds would run into the next suite seed's
+                raise ValueError(f"{where} {kind}: {len(sets)} sets, at most {_MAX_SETS} are allowed")
         names = [set_name(s) for s in test_sets]
         if len(set(names)) != len(names):
             raise ValueError(
