@@ -54,8 +54,13 @@ def fla_layer(kind: str, d_model: int, heads: int) -> nn.Module:
             do_feature_map_norm=True, output_norm="identity",
         )
     if kind == "based":
+        # mode "parallel" (fla's default): its own Based kernel, which expands the Taylor features
+        # inside its tiles. "chunk" (used until 2026-12-05) sends the expanded 273-wide features
+        # through the generic chunked linear attention, and never returned within a GPU call
+        # (that width is the suspected cause). Under TRITON_INTERPRET=1 "parallel" matches fla's
+        # own forward_reference to 2e-6 (B 32, T 256, d 64).
         return BasedLinearAttention(
-            hidden_size=d_model, feature_dim=16, num_heads=heads, num_key_value_heads=heads, mode="chunk"
+            hidden_size=d_model, feature_dim=16, num_heads=heads, num_key_value_heads=heads, mode="parallel"
         )
     if kind == "mamba":
         return Mamba(hidden_size=d_model, intermediate_size=2 * d_model, state_size=16)
