@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from memlab.ops.attention import attention, attention_reference, decode, decode_reference
+from memlab.ops.attention.decode_grouped import decode_grouped
 
 F64 = torch.float64
 
@@ -126,6 +127,30 @@ def test_decode_reference_equals_attention_on_each_cache() -> None:
                 window=4, sinks=1,
             )
             torch.testing.assert_close(o[bi : bi + 1, :, heads], ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("h,hkv,tq", [(8, 2, 2), (6, 6, 1), (9, 3, 3), (4, 1, 1)])
+@pytest.mark.parametrize("opts", [{}, {"window": 4, "sinks": 1}, {"window": 1}, {"scale": 0.3}])
+def test_decode_grouped_equals_the_reference(h: int, hkv: int, tq: int, opts: dict) -> None:
+    """The CPU decoding path (no copies of the KV heads) computes the reference's function:
+    ragged lengths, an empty cache, windows and sinks, several queries, GQA ratios 1 to 4."""
+    b, d, smax = 3, 16, 11
+    q = _rand(b, tq, h, d, seed=22)
+    kc, vc = _rand(b, smax, hkv, d, seed=23), _rand(b, smax, hkv, d, seed=24)
+    lengths = torch.randint(tq, smax + 1, (b, hkv), generator=torch.Generator().manual_seed(25))
+    lengths[0, 0] = 0  # a (batch, head) with nothing cached
+    ref = decode_reference(q, kc, vc, lengths, **opts)
+    torch.testing.assert_close(decode_grouped(q, kc, vc, lengths, **opts), ref, atol=1e-12, rtol=0)
+    got32 = decode(q.float(), kc.float(), vc.float(), lengths, **opts)  # what decode runs on CPU
+    torch.testing.assert_close(got32.double(), ref, atol=1e-5, rtol=0)
+    # and its gradients (decode is differentiable on this path)
+    leaves = [t.clone().requires_grad_() for t in (q, kc, vc)]
+    w = _rand(*ref.shape, seed=26)
+    (decode_grouped(*leaves, lengths, **opts) * w).sum().backward()
+    refs = [t.clone().requires_grad_() for t in (q, kc, vc)]
+    (decode_reference(*refs, lengths, **opts) * w).sum().backward()
+    for got, want in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -8,7 +8,8 @@ Public functions:
 
 Dispatch: float16/bfloat16 tensors on CUDA run the Triton kernels; under ``TRITON_INTERPRET=1``
 CPU tensors run them too (tests). Everything else (CPU tensors, float32 inputs, the upcast path)
-runs the PyTorch reference in float32. The Triton modules are imported on first use, so a
+runs the PyTorch reference in float32 (decoding: ``decode_grouped``, the reference's arithmetic
+without its per-step copies of the KV heads). The Triton modules are imported on first use, so a
 missing or broken Triton never breaks ``import memlab``. The kernels are registered as
 ``torch.ops.memlab.flash2_*`` custom ops with fake implementations, so they trace under
 ``torch.compile``.
@@ -23,6 +24,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from memlab.ops.attention.decode_grouped import decode_grouped
 from memlab.ops.attention.reference import attention_reference, decode_reference
 from memlab.ops.lazy_kernels import LazyKernels, describe, interpreting
 
@@ -360,7 +362,8 @@ def decode(
             )
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not _use_kernels(q):
-        return decode_reference(q, k_cache, v_cache, lengths, scale=scale, window=window, sinks=sinks)
+        # The reference's arithmetic without its copies of every KV head (see decode_grouped).
+        return decode_grouped(q, k_cache, v_cache, lengths, scale=scale, window=window, sinks=sinks)
     lengths = lengths.to(device=q.device, dtype=torch.int32)
     q, k_cache, v_cache = _unit_stride(q), _unit_stride(k_cache), _unit_stride(v_cache)
     return torch.ops.memlab.flash2_decode(q, k_cache, v_cache, lengths, scale, window, sinks)
