@@ -308,12 +308,15 @@ class AssocMemory(nn.Module):
         """
         w, keep_all, c_mom, mom_all = coefs
         if self.max_grad_norm is not None:
-            # token n's gradient is outer(a_n, d_n) per layer, whose norm is |a_n| |d_n|
-            norm = None
+            # token n's gradient is outer(a_n, d_n) per layer, whose norm is |a_n| |d_n|. Summed
+            # as squares with one guarded square root: hypot (and sqrt) have a 0/0 gradient where
+            # a token's gradient vanishes in every layer, which turned whole trainings into NaN.
+            sq = None
             for i, (a, d) in enumerate(factors):
-                na = norm_in if i == 0 and norm_in is not None else torch.linalg.vector_norm(a, dim=-1)
-                term = na * torch.linalg.vector_norm(d, dim=-1)
-                norm = term if norm is None else torch.hypot(norm, term)  # (B, H, N)
+                na2 = norm_in.square() if i == 0 and norm_in is not None else a.square().sum(-1)
+                term = na2 * d.square().sum(-1)
+                sq = term if sq is None else sq + term  # (B, H, N)
+            norm = sq.clamp_min(1e-24).sqrt()
             w = w * soft_clip_scale(norm, self.max_grad_norm)
         grads = weighted_grads(factors, w)
         renorm = self.retention.renormalize

@@ -79,3 +79,38 @@ def test_memory_does_not_collapse_over_4096_tokens(name: str) -> None:
     rms = reads.pow(2).mean((0, 1, 3)).sqrt()  # (T,)
     ratio = rms[-64:].mean() / rms[:64].mean()
     assert ratio > 1e-3, f"{name}: last-chunk reads {ratio:.3g} x the first chunk's"
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_soft_clip_gradient_is_finite_where_a_token_writes_nothing(depth: int) -> None:
+    """A token whose gradient vanishes in every memory layer (a zero key: every layer's input is
+    zero) has a zero gradient norm. The soft clip's norm had a 0/0 gradient there (hypot), which
+    turned a titans_mac training (no short conv, passkey on the CPU) into NaN at step 363."""
+    from memlab.mixers.assoc_memory import AssocMemory, soft_clip_scale
+    from memlab.mixers.assoc_objectives import DecayRetention, LpBias
+
+    torch.manual_seed(0)
+    core = AssocMemory(n_heads=2, dim=8, depth=depth, expansion=2, bias=LpBias(2.0),
+                       retention=DecayRetention(), momentum=False, max_grad_norm=1.0)
+    b, h, n = 2, 2, 5
+    accs = [p.detach().unsqueeze(0).expand(b, *p.shape).clone().requires_grad_() for p in core.init_acc]
+    factors = []
+    for din, dout in core.shapes:
+        a, d = torch.randn(b, h, n, din), torch.randn(b, h, n, dout)
+        a[:, :, 2] = 0.0  # token 2 writes nothing in any layer
+        factors.append((a.requires_grad_(), d.requires_grad_()))
+    log_keep = torch.full((b, h, n), -0.01, requires_grad=True)
+    lr = torch.full((b, h, n), 0.5, requires_grad=True)
+    coefs = core.coefs(log_keep, lr, None)
+    new, _ = core.apply(accs, None, factors, coefs)
+    sum(t.square().sum() for t in new).backward()
+    leaves = [*accs, *(t for pair in factors for t in pair), log_keep, lr]
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    # the values are the clip's: the same update with each token's step scaled by hand
+    with torch.no_grad():
+        norm = torch.stack([a.norm(dim=-1) * d.norm(dim=-1) for a, d in factors]).norm(dim=0)
+        core.max_grad_norm = None
+        w, *rest = coefs
+        by_hand, _ = core.apply(accs, None, factors, (w * soft_clip_scale(norm, 1.0), *rest))
+    for got, want in zip(new, by_hand, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
