@@ -66,7 +66,8 @@ class ReferenceALISA(ALISA):
             for hi in range(h):
                 for r, (p, k, v) in enumerate(merged[bi][hi]):
                     positions[bi, r, hi], keys[bi, r, hi], values[bi, r, hi] = p, k, v
-        lengths = torch.tensor([[len(merged[bi][hi]) for hi in range(h)] for bi in range(b)])
+        counts = [[len(merged[bi][hi]) for hi in range(h)] for bi in range(b)]
+        lengths = torch.tensor(counts, device=g.keys.device)  # on the cache's device (CUDA test)
         g.keys, g.values, g.positions, g.lengths = keys, values, positions, lengths
         del cache.state["ref_host"][(layer.layer_idx, group)]
 
