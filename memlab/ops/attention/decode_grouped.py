@@ -2,10 +2,11 @@
 Triton kernel does not (CPU tensors, float32 inputs).
 
 ``decode_reference`` (the specification) repeats every KV head ``H / Hkv`` times before its
-matmuls: a full copy of the cache, several times over, at every decoding step. Here the query
-heads of one KV head are stacked as extra query rows instead, so each KV head's keys and values
-are read in place: (B, Hkv, rep * Tq, D) queries against (B, Hkv, S, D) keys. Same masking and
-float32 softmax as the reference; tests compare the two.
+matmuls: a full copy of the cache, several times over, at every decoding step. Here the keys and
+values are read in place by PyTorch's fused ``scaled_dot_product_attention`` with grouped heads
+(``enable_gqa``) and the reference's visibility as a boolean mask, in float32 like the reference;
+tests compare the two, outputs and gradients. (SmolLM2's shape, one layer at 4k on one CPU
+thread: 13 ms for the reference, 1.3 ms for grouped matmuls, 0.8 ms for this.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from memlab.ops.attention.reference import _compute_dtype
 
@@ -36,22 +38,19 @@ def decode_grouped(
     rep = h // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cdt = _compute_dtype(q.dtype, upcast)
-    # (B, Tq, Hkv, rep, D) -> (B, Hkv, rep, Tq, D) -> (B, Hkv, rep * Tq, D): row r * Tq + j
-    qg = q.to(cdt).view(b, tq, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * tq, d)
-    kg = k_cache.to(cdt).transpose(1, 2)  # (B, Hkv, Smax, D), a view when no cast is needed
-    vg = v_cache.to(cdt).transpose(1, 2)
+    qh = q.to(cdt).transpose(1, 2)  # (B, H, Tq, D)
+    kh = k_cache.to(cdt).transpose(1, 2)  # (B, Hkv, Smax, D), a view when no cast is needed
+    vh = v_cache.to(cdt).transpose(1, 2)
     length = lengths.to(device=q.device, dtype=torch.int64)[:, :, None, None]  # (B, Hkv, 1, 1)
-    j = torch.arange(tq, device=q.device).repeat(rep)  # the query index of each stacked row
-    qpos = length - tq + j[None, None, :, None]  # (B, Hkv, rep * Tq, 1)
+    qpos = length - tq + torch.arange(tq, device=q.device)[None, None, :, None]  # (B, Hkv, Tq, 1)
     kpos = torch.arange(smax, device=q.device)[None, None, None, :]
     allowed = (kpos < length) & (kpos <= qpos)
     if window is not None:
         allowed = allowed & ((kpos > qpos - int(window)) | (kpos < sinks))
-    # The reference's masked softmax without its log-sum-exp, which decoding never uses.
-    scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep * Tq, Smax)
-    allowed = allowed.expand_as(scores)
-    scores.masked_fill_(~allowed, float("-inf"))
-    scores.masked_fill_(~allowed.any(dim=-1, keepdim=True), 0.0)  # rows that see nothing: finite
-    p = torch.softmax(scores, dim=-1) * allowed  # not in place: softmax's backward reads its output
-    o = torch.matmul(p.to(vg.dtype), vg)  # (B, Hkv, rep * Tq, D)
-    return o.view(b, hkv, rep, tq, d).permute(0, 3, 1, 2, 4).reshape(b, tq, h, d).to(q.dtype)
+    allowed = allowed.repeat_interleave(rep, dim=1)  # (B, H, Tq, Smax): a boolean mask, small
+    # A row that sees nothing would give NaN (and NaN gradients) in SDPA: let it see every row,
+    # then zero its output, as the reference does.
+    visible = allowed.any(dim=-1, keepdim=True)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed | ~visible, scale=scale,
+                                       enable_gqa=rep > 1)
+    return o.masked_fill(~visible, 0.0).transpose(1, 2).to(q.dtype)
