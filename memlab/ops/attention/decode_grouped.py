@@ -1,9 +1,9 @@
-"""Decoding attention in PyTorch without repeating the KV heads: what ``decode`` runs where the
-Triton kernel does not (CPU tensors, float32 inputs).
+"""Decoding attention in PyTorch without the reference's copies of the KV heads: what ``decode``
+runs where the Triton kernel does not (CPU tensors, float32 inputs).
 
 ``decode_reference`` (the specification) repeats every KV head ``H / Hkv`` times before its
-matmuls: a full copy of the cache, several times over, at every decoding step. Here the keys and
-values are read in place by PyTorch's fused ``scaled_dot_product_attention`` with grouped heads
+matmuls: a full copy of the cache, several times over, at every decoding step. Here PyTorch's
+fused ``scaled_dot_product_attention`` takes the cache as it is, with grouped heads
 (``enable_gqa``) and the reference's visibility as a boolean mask, in float32 like the reference;
 tests compare the two, outputs and gradients. (SmolLM2's shape, one layer at 4k on one CPU
 thread: 13 ms for the reference, 1.3 ms for grouped matmuls, 0.8 ms for this.)
