@@ -64,3 +64,13 @@ def tiny_checkpoint(path, kind: str = "llama", layers: int = 2) -> None:
     model = tiny_model(kind, layers=layers).float()
     model.config.attn_implementation = "sdpa"
     model.save_pretrained(path)
+
+
+def masked_logits(model, ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The model's logits (T, V) for ids (1, T) when query i may attend only to keys j with
+    ``allowed[i, j]`` ((T, T) bool): the dense reference of what an evicting cache computes."""
+    t = ids.shape[1]
+    mask = torch.zeros(1, 1, t, t, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    model.config._attn_implementation = "sdpa"  # eager would round its softmax to float32
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits[0]

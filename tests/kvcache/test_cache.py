@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtiny import random_ids, tiny_model
+from kvtiny import masked_logits, random_ids, tiny_model
 from transformers import DynamicCache
 
 from memlab.kvcache import ATTN_NAME, KVCache, generate, greedy, policies, prefill
@@ -122,10 +122,7 @@ def streaming_reference_logits(
         row[:sinks] = True
         row[i - window + 1 : i + 1] = True
         allowed[i] = row
-    mask = torch.zeros(1, 1, t, t, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    model.config._attn_implementation = "sdpa"  # eager would round its softmax to float32
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits[0]
+    return masked_logits(model, ids, allowed)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

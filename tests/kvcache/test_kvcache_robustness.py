@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import transformers
-from kvtiny import VOCAB, random_ids, tiny_model
+from kvtiny import VOCAB, masked_logits, random_ids, tiny_model
 
 from memlab.kvcache import KVCache, decode_step, generate, policies, prefill, run_prompt, teacher_force
 
@@ -178,10 +178,7 @@ def test_streaming_short_prompt_grows_to_its_budget_then_slides() -> None:
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
     # Query i finds min(i, budget) rows and joins them.
     allowed = (k <= q) & ((q <= budget) | (k < sinks) | (k >= q - (budget - sinks)))
-    mask = torch.zeros(1, 1, n, n, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    model.config._attn_implementation = "sdpa"
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits[0]
+    ref = masked_logits(model, ids, allowed)
     for j, logits in enumerate(got):
         torch.testing.assert_close(logits[0], ref[t - 1 + j], atol=1e-9, rtol=0)
     assert (cache.kept_tokens() == budget).all()

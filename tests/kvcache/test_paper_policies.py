@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtiny import random_ids, tiny_model
+from kvtiny import masked_logits, random_ids, tiny_model
 
 import memlab.kvcache.cache as cache_mod
 from memlab.kvcache import KVCache, generate, policies, prefill
@@ -86,10 +86,7 @@ def test_duo_all_streaming_equals_sink_window_attention() -> None:
     n = ids.shape[1]
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
     allowed = (k <= q) & ((k > q - window) | (k < sinks))
-    mask = torch.zeros(1, 1, n, n, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    model.config._attn_implementation = "sdpa"
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits[0]
+    ref = masked_logits(model, ids, allowed)
     for j, logits in enumerate(got):
         torch.testing.assert_close(logits[0], ref[t - 1 + j], atol=1e-9, rtol=0)
 
