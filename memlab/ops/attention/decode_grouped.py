@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from memlab.ops.attention.reference import _compute_dtype
+from memlab.ops.attention.reference import _compute_dtype, decode_visibility
 
 
 def decode_grouped(
@@ -41,13 +41,9 @@ def decode_grouped(
     qh = q.to(cdt).transpose(1, 2)  # (B, H, Tq, D)
     kh = k_cache.to(cdt).transpose(1, 2)  # (B, Hkv, Smax, D), a view when no cast is needed
     vh = v_cache.to(cdt).transpose(1, 2)
-    length = lengths.to(device=q.device, dtype=torch.int64)[:, :, None, None]  # (B, Hkv, 1, 1)
-    qpos = length - tq + torch.arange(tq, device=q.device)[None, None, :, None]  # (B, Hkv, Tq, 1)
-    kpos = torch.arange(smax, device=q.device)[None, None, None, :]
-    allowed = (kpos < length) & (kpos <= qpos)
-    if window is not None:
-        allowed = allowed & ((kpos > qpos - int(window)) | (kpos < sinks))
-    allowed = allowed.repeat_interleave(rep, dim=1)  # (B, H, Tq, Smax): a boolean mask, small
+    lengths = lengths.to(device=q.device, dtype=torch.int64)
+    # (B, H, Tq, Smax): a boolean mask, small beside the cache
+    allowed = decode_visibility(lengths, tq, smax, window, sinks).repeat_interleave(rep, dim=1)
     # A row that sees nothing would give NaN (and NaN gradients) in SDPA: let it see every row,
     # then zero its output, as the reference does.
     visible = allowed.any(dim=-1, keepdim=True)

@@ -134,6 +134,20 @@ def attention_reference(
     return (o, lse) if return_lse else o
 
 
+def decode_visibility(
+    lengths: torch.Tensor, tq: int, smax: int, window: int | None, sinks: int
+) -> torch.Tensor:
+    """(B, X, Tq, Smax) bool: which cache rows each of the Tq newest queries sees, for lengths
+    (B, X) int64 valid rows per (batch, head); query j sits at position L - Tq + j."""
+    length = lengths[:, :, None, None]
+    qpos = length - tq + torch.arange(tq, device=lengths.device)[None, None, :, None]  # (B, X, Tq, 1)
+    kpos = torch.arange(smax, device=lengths.device)[None, None, None, :]  # (1, 1, 1, Smax)
+    allowed = (kpos < length) & (kpos <= qpos)
+    if window is not None:
+        allowed = allowed & ((kpos > qpos - int(window)) | (kpos < sinks))
+    return allowed
+
+
 def decode_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -162,11 +176,6 @@ def decode_reference(
     qh = q.to(cdt).transpose(1, 2)  # (B, H, Tq, D)
     kh = k_cache.to(cdt).transpose(1, 2).repeat_interleave(rep, dim=1)  # (B, H, Smax, D)
     vh = v_cache.to(cdt).transpose(1, 2).repeat_interleave(rep, dim=1)
-    length_h = lengths.repeat_interleave(rep, dim=1)[:, :, None, None]  # (B, H, 1, 1)
-    qpos = length_h - tq + torch.arange(tq, device=q.device)[None, None, :, None]  # (B, H, Tq, 1)
-    kpos = torch.arange(smax, device=q.device)[None, None, None, :]  # (1, 1, 1, Smax)
-    allowed = (kpos < length_h) & (kpos <= qpos)
-    if window is not None:
-        allowed = allowed & ((kpos > qpos - int(window)) | (kpos < sinks))
+    allowed = decode_visibility(lengths.repeat_interleave(rep, dim=1), tq, smax, window, sinks)
     o, _ = _masked_softmax_attend(qh, kh, vh, allowed, scale)
     return o.transpose(1, 2).to(q.dtype)
