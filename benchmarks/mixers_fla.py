@@ -79,12 +79,16 @@ def memlab_options(kind: str, d_model: int) -> tuple[str, dict]:
         # branch and the short conv off, and time the full hybrid (window 64 + conv) separately.
         "based": ("based", {"n_heads": heads, "feature_dim": 16, "window": 0, "conv_size": 0}),
         "based_hybrid": ("based", {"n_heads": heads, "feature_dim": 16}),
+        # the chunked feature-map form (memlab's Based before its fused Taylor kernel)
+        "based_chunked": (
+            "based", {"n_heads": heads, "feature_dim": 16, "window": 0, "conv_size": 0, "fused": False}
+        ),
         "mamba": ("mamba", {"d_state": 16, "expand": 2}),
     }
     return table[kind]
 
 
-MEMLAB_KINDS = ("attention", "linear_attention", "based", "based_hybrid", "mamba")
+MEMLAB_KINDS = ("attention", "linear_attention", "based", "based_chunked", "based_hybrid", "mamba")
 
 
 def memlab_layer(kind: str, d_model: int) -> nn.Module:
@@ -252,7 +256,7 @@ def measure_mqar(impl: str, kind: str, smoke: bool) -> dict:
 
 
 def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
-    memlab_rows = [("memlab", k) for k in ("attention", "linear_attention", "based", "based_hybrid", "mamba")]
+    memlab_rows = [("memlab", k) for k in MEMLAB_KINDS]
     fla_rows = [("fla", k) for k in _FLA_KINDS[0] if k != "mamba"]  # fla's Mamba: per-token slow path
     for impl, kind in memlab_rows + fla_rows:  # fla's Based last: see throughput()
         row = {"impl": impl, "layer": kind, "d_model": MQAR_D, "seq_len": 256, "num_pairs": 16,

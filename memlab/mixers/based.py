@@ -17,6 +17,12 @@ the paper) and mapped by phi(x) = [1, x / d'^(1/4), vec(x x^T) / (sqrt(2) sqrt(d
 1 + d' + d'^2, so that phi(q) . phi(k) = 1 + s + s^2 / 2 with s = q . k / sqrt(d'): the Taylor
 approximation of exp(s). It is >= 1/2 for every s, so the normaliser never vanishes.
 
+Training and prefill from the empty state run, where the kernels run (CUDA), the fused Triton
+kernel ``memlab.ops.taylor.taylor_attention``: the same outputs computed from the raw d'-wide
+projections in the quadratic "parallel" form, tile by tile, never forming the features of the
+queries (``fused=False`` keeps the chunked feature-map form below everywhere). A prefill that
+continues a state, and every CPU run, uses the chunked form; decoding the recurrent one.
+
 State (constant size): the linear-attention kv (B, H, 1 + d' + d'^2, Dv) and key sum
 (B, H, 1 + d' + d'^2); the last window - 1 keys and values of the window branch (zero-filled
 until that many tokens have been seen); the last conv_size - 1 inputs of the convolution.
@@ -34,6 +40,7 @@ from torch import nn
 from memlab.mixers.base import Mixer, MixerConfig, State, check_divides, check_positive, register
 from memlab.mixers.linear_core import chunked_linear_attention, recurrent_linear_attention
 from memlab.mixers.rope import rotary
+from memlab.ops import taylor
 
 
 def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +105,9 @@ class BasedConfig(MixerConfig):
     rope_base: float = 10000.0
     conv_size: int = 3  # depthwise causal conv kernel on the input; 0 turns it off
     bias: bool = False
+    # Prefill from an empty state through the fused Taylor kernel (memlab.ops.taylor) where it
+    # runs (CUDA); False keeps the chunked feature-map form everywhere (benchmarks compare both).
+    fused: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,14 +204,23 @@ class Based(Mixer):
 
         # Taylor linear attention: (B, H, T, d') -> features (B, H, T, 1 + d' + d'^2).
         h = self.n_heads
-        q = taylor_feature_map(self.q_proj(u).view(b, t, h, c.feature_dim).transpose(1, 2))
-        k = taylor_feature_map(self.k_proj(u).view(b, t, h, c.feature_dim).transpose(1, 2))
+        q_raw = self.q_proj(u).view(b, t, h, c.feature_dim).transpose(1, 2)
+        k_raw = self.k_proj(u).view(b, t, h, c.feature_dim).transpose(1, 2)
         v = self.v_proj(u).view(b, t, h, self.head_dim).transpose(1, 2)
-        if t == 1:
+        k = taylor_feature_map(k_raw)
+        if c.fused and pos0 == 0 and t > 1 and taylor.uses_kernels(q_raw):
+            # A fresh state (position 0 is only ever the empty state): the fused kernel computes
+            # the same outputs from the raw projections without forming the 1 + d' + d'^2
+            # features of the queries; the state after the prompt is its closed-form sum.
+            o = taylor.taylor_attention(q_raw, k_raw, v, eps=c.eps)
+            new["kv"] = torch.einsum("bhtf,bhtd->bhfd", k, v)
+            new["z"] = k.sum(dim=2)
+        elif t == 1:
+            q = taylor_feature_map(q_raw)
             o, new["kv"], new["z"] = recurrent_linear_attention(q, k, v, state["kv"], state["z"], eps=c.eps)
         else:
             o, new["kv"], new["z"] = chunked_linear_attention(
-                q, k, v, state["kv"], state["z"], chunk_size=c.chunk_size, eps=c.eps
+                taylor_feature_map(q_raw), k, v, state["kv"], state["z"], chunk_size=c.chunk_size, eps=c.eps
             )
         y = self.o_proj(o.transpose(1, 2).reshape(b, t, d))
 

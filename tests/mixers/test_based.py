@@ -13,6 +13,7 @@ from memlab import mixers
 from memlab.mixers.based import sliding_window_attention, taylor_feature_map
 from memlab.mixers.linear_core import chunked_linear_attention, recurrent_linear_attention
 from memlab.mixers.rope import rotary
+from memlab.ops import taylor
 
 ATOL = 1e-10  # float64
 
@@ -195,3 +196,35 @@ def test_config_errors(options: dict, match: str) -> None:
     d_model = options.pop("d_model", 16)
     with pytest.raises(ValueError, match=match):
         mixers.build("based", d_model=d_model, **options)
+
+
+FUSED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(
+    not taylor.uses_kernels(torch.zeros(1, device=FUSED_DEVICE)),
+    reason="the fused Taylor kernel needs a GPU or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("t", [1, 45])
+def test_fused_prefill_equals_chunked_form(t: int) -> None:
+    """A prefill from the empty state through the fused kernel gives the chunked feature-map form's
+    outputs, state and gradients (float32, so the kernel runs), and decoding continues alike."""
+    torch.manual_seed(3)
+    opts = dict(d_model=32, n_heads=2, feature_dim=6, chunk_size=8, window=5, window_heads=2)
+    fused = mixers.build("based", fused=True, **opts).to(FUSED_DEVICE)
+    plain = mixers.build("based", fused=False, **opts).to(FUSED_DEVICE)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, t, 32, device=FUSED_DEVICE, requires_grad=True)
+    g = torch.randn(2, t, 32, device=FUSED_DEVICE)
+    y_f, s_f = fused(x)
+    y_p, s_p = plain(x)
+    assert (y_f - y_p).abs().max().item() < 1e-5
+    for name in ("kv", "z", "win_k", "conv"):
+        assert (s_f[name] - s_p[name]).abs().max().item() < 1e-4 * (1 + s_p[name].abs().max().item())
+    gx_f, *gw_f = torch.autograd.grad((y_f * g).sum(), [x, *fused.parameters()])
+    gx_p, *gw_p = torch.autograd.grad((y_p * g).sum(), [x, *plain.parameters()])
+    assert (gx_f - gx_p).abs().max().item() < 1e-4
+    for a, b in zip(gw_f, gw_p, strict=True):
+        assert (a - b).abs().max().item() < 1e-4 * (1 + b.abs().max().item())
+    nxt = torch.randn(2, 1, 32, device=FUSED_DEVICE)
+    assert (fused(nxt, state=s_f)[0] - plain(nxt, state=s_p)[0]).abs().max().item() < 1e-5
