@@ -7,8 +7,9 @@ misses, and writes the merged kv.json, kv.md and plots with kv.py's own writers.
 
     python benchmarks/kv_merge.py --out DIR A/kv.json B/kv.json ...
 
-On a clash (one policy at one point measured twice) the entry with more prompts wins, the later
-file's when they have as many.
+On a clash (one policy at one point measured twice) the entry with more prompts wins; with as
+many, a GPU run's (bf16, the grid's device) beats a CPU run's (fp32, stand-ins measured when no
+device time was left); then the later file's.
 
 Speed rows are never mixed across runs within one context length (a row's ratio to the anchor is
 only meaningful within one process): for each length, the last run that timed the full cache there
@@ -41,6 +42,11 @@ def run_info(report: dict[str, Any], source: str) -> dict[str, Any]:
     }
 
 
+def on_gpu(report: dict[str, Any]) -> bool:
+    """Whether a kv.json was measured on a GPU (its device name), not on the CPU."""
+    return any(word in str(report.get("device", "")) for word in ("NVIDIA", "GPU", "AMD Instinct"))
+
+
 def merge(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """``reports``: (source name, kv.json contents), oldest first."""
     runs = [run_info(r, src) for src, r in reports]
@@ -61,8 +67,11 @@ def merge(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             dest["runs"].append(i)
             for key, m in entry["policies"].items():
                 # On a clash the entry measured on more prompts wins (a partial run's few prompts
-                # must not replace a complete one's), the later one when they are equal.
-                if m.get("n", 0) >= dest["policies"].get(key, {}).get("n", 0):
+                # must not replace a complete one's); with as many, a GPU run's beats a CPU
+                # stand-in's, then the later one's.
+                held = dest["policies"].get(key)
+                mine = (m.get("n", 0), on_gpu(rep))
+                if held is None or mine >= (held.get("n", 0), on_gpu(reports[held["run"]][1])):
                     dest["policies"][key] = {**m, "run": i}
         for key, m in acc.get("limits", {}).items():
             limits[key] = {**m, "run": i}

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from memlab.bench.jobs.base import Job, Overrides, RunContext, as_axis, check_keys, grid, register_job
+from memlab.bench.measure import release_host_memory
 from memlab.bench.report import Figure, Panel, ReportSection, Series, Table, format_value, save_panels
 from memlab.bench.store import RunRecord
 from memlab.kvcache import KVCache, greedy, policies, prefill, run_prompt, teacher_force
@@ -230,6 +231,8 @@ def evaluate(
             rows.extend(heads)
             if on_progress is not None:
                 on_progress(rows)
+        if device.type == "cpu":
+            release_host_memory()
     return rows
 
 
