@@ -15,6 +15,7 @@ from memlab.bench.measure import (
     package_versions,
     peak_memory,
     prefill_state_bytes,
+    release_host_memory,
     resolve_device,
 )
 from memlab.models.lm import LM
@@ -74,3 +75,20 @@ def test_median_time_and_peak_memory() -> None:
     with peak_memory(CPU) as peak:
         block = torch.ones(4 * 2**20)  # 16 MiB
     assert peak.bytes >= block.numel() * 4
+
+
+def test_release_host_memory_frees_unreachable_tensors() -> None:
+    """Tensors kept alive only by a reference cycle are freed by the call (the cycle collector
+    part; the trim of glibc's arenas has no observable result beyond the process's RSS)."""
+    import weakref
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    a.tensor = torch.zeros(1 << 16)
+    alive = weakref.ref(a.tensor)
+    del a, b
+    release_host_memory()
+    assert alive() is None

@@ -77,6 +77,21 @@ def test_a_clash_keeps_the_entry_with_more_prompts(kv_merge) -> None:
     assert point["policies"]["full"]["n"] == 50 and point["policies"]["full"]["run"] == 1
 
 
+def test_with_as_many_prompts_a_gpu_entry_beats_a_cpu_one(kv_merge) -> None:
+    gpu = report("NVIDIA H100 80GB HBM3", {"2048/agnostic": {"seconds": 5.0, "policies": {
+        "full": entry("full", 0.98) | {"n": 50}}}})
+    cpu = report("AMD EPYC (2 cores, 2 torch threads)", {"2048/agnostic": {"seconds": 7.0, "policies": {
+        "full": entry("full", 1.0) | {"n": 50}, "alisa@0.5": entry("alisa", 0.3, 0.5) | {"n": 50}}}})
+    for order in ([("gpu", gpu), ("cpu", cpu)], [("cpu", cpu), ("gpu", gpu)]):
+        point = kv_merge.merge(order)["accuracy"]["points"]["2048/agnostic"]["policies"]
+        assert point["full"]["em"] == 0.98  # the GPU's, whichever file is later
+        assert point["alisa@0.5"]["em"] == 0.3  # measured only on the CPU: kept
+    more = report("AMD EPYC", {"2048/agnostic": {"seconds": 9.0, "policies": {
+        "full": entry("full", 0.5) | {"n": 60}}}})
+    point = kv_merge.merge([("gpu", gpu), ("more", more)])["accuracy"]["points"]["2048/agnostic"]
+    assert point["policies"]["full"]["n"] == 60  # more prompts still come first
+
+
 def test_speed_rows_of_one_length_come_from_one_run(kv_merge) -> None:
     old = report("A", {}, {"full@1/L=8192": speed_row(8192, 50.0), "snapkv@0.1/L=8192": speed_row(8192, 45.0),
                            "full@1/L=16384": speed_row(16384, 52.0),
