@@ -122,6 +122,18 @@ def _taylor(s):
     return 1.0 + s * (1.0 + 0.5 * s)
 
 
+@triton.jit
+def _load_kv(k_base, v_base, n0, stride_kt, stride_vt, offs_n, offs_f, offs_d, T,
+             F: tl.constexpr, D: tl.constexpr):
+    """Key rows n0 + offs_n of k (F columns) and v (D columns); zeros past T and in the padding."""
+    key_ok = n0 + offs_n < T
+    k = tl.load(_tile(k_base, n0, stride_kt, offs_n, offs_f),
+                mask=key_ok[:, None] & (offs_f[None, :] < F), other=0.0)
+    v = tl.load(_tile(v_base, n0, stride_vt, offs_n, offs_d),
+                mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return k, v
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -139,11 +151,7 @@ def _fwd_steps(
     for blk in range(blk_start, blk_end):
         n0 = blk * BLOCK_N
         kpos = n0 + offs_n
-        key_ok = kpos < T
-        k = tl.load(_tile(k_base, n0, stride_kt, offs_n, offs_f),
-                    mask=key_ok[:, None] & (offs_f[None, :] < F), other=0.0)
-        v = tl.load(_tile(v_base, n0, stride_vt, offs_n, offs_d),
-                    mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k, v = _load_kv(k_base, v_base, n0, stride_kt, stride_vt, offs_n, offs_f, offs_d, T, F, D)
         s = _dot(q, tl.trans(k), None, IEEE) * scale
         p = _taylor(s)
         if MASKED:
@@ -221,11 +229,7 @@ def _dq_steps(
     for blk in range(blk_start, blk_end):
         n0 = blk * BLOCK_N
         kpos = n0 + offs_n
-        key_ok = kpos < T
-        k = tl.load(_tile(k_base, n0, stride_kt, offs_n, offs_f),
-                    mask=key_ok[:, None] & (offs_f[None, :] < F), other=0.0)
-        v = tl.load(_tile(v_base, n0, stride_vt, offs_n, offs_d),
-                    mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k, v = _load_kv(k_base, v_base, n0, stride_kt, stride_vt, offs_n, offs_f, offs_d, T, F, D)
         s = _dot(q, tl.trans(k), None, IEEE) * scale
         dp = _dot(do, tl.trans(v), None, IEEE) * r[:, None] + dden[:, None]
         ds = dp * (1.0 + s)
