@@ -66,8 +66,6 @@ def uses_kernels(x: Tensor) -> bool:
     return x.dtype in KERNEL_DTYPES and _KERNELS.use(x)
 
 
-_use_kernels = uses_kernels
-
 
 # ----------------------------------------------------------------------------------------------
 # input checks
@@ -160,7 +158,7 @@ def taylor_attention(q: Tensor, k: Tensor, v: Tensor, *, eps: float) -> Tensor:
     """
     _check_inputs(q, k, v, eps)
     eps = float(eps)
-    if not _use_kernels(q):
+    if not uses_kernels(q):
         return taylor_attention_reference(q, k, v, eps=eps)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
