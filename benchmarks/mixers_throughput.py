@@ -53,8 +53,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "combiner": {"n_heads": HEADS, "span": 64},
     "rcmha": {"n_heads": HEADS},
 }
-# Extra rows: (label, mixer, options) timed beside the one-row-per-mixer list.
-EXTRA_ROWS = [("memmamba x2 layers", "memmamba", {"n_layers": 2})]
+# Extra rows: (label, mixer, options over the mixer's row) timed beside the one-row-per-mixer list.
+EXTRA_ROWS = [("memmamba x2 layers", "memmamba", {"n_layers": 2})] + [
+    # the memory's per-chunk read and update through torch.compile (``mem_compile``)
+    (f"{name} compiled", name, {"mem_compile": True})
+    for name in ("titans_mac", "titans_mag", "moneta")
+]
 
 
 def rows(smoke: bool) -> list[tuple[str, str, dict[str, Any]]]:
@@ -74,7 +78,7 @@ def rows(smoke: bool) -> list[tuple[str, str, dict[str, Any]]]:
         out.append((name, name, {k: v for k, v in opts.items() if k in fields}))
     for label, name, opts in EXTRA_ROWS:
         if name in names:
-            base = dict(mixers.MIXERS.get(name).test_config) if smoke else {}
+            base = dict(mixers.MIXERS.get(name).test_config) if smoke else dict(OPTIONS.get(name, {}))
             out.append((label, name, {**base, **opts}))
     return out
 
@@ -170,6 +174,34 @@ def measure(
     return row
 
 
+def write_results(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    device: torch.device,
+    results: list[dict[str, Any]],
+    setup: dict[str, Any],
+    t_start: float,
+) -> dict[str, Any]:
+    """Ratios against attention at the same length (same process), then the JSON; returns it."""
+    anchor = {r["seq_len"]: r.get("tokens_per_s") for r in results if r["label"] == "attention"}
+    for r in results:
+        a = anchor.get(r["seq_len"])
+        r["vs_attention"] = r["tokens_per_s"] / a if a and r.get("tokens_per_s") else None
+    payload = {
+        "benchmark": "mixers_throughput",
+        "command": " ".join(["python", "benchmarks/mixers_throughput.py", *(argv or sys.argv[1:])]),
+        "smoke": args.smoke,
+        "environment": environment(device),
+        "setup": setup,
+        "wall_s": time.perf_counter() - t_start,
+        "results": results,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "mixers_throughput.json").write_text(json.dumps(payload, indent=2))
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for mixers_throughput.json")
@@ -177,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda when present (cpu with --smoke)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--time-budget", type=float, default=360.0, help="seconds for the whole sweep")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="time only these rows (labels as printed; attention, the anchor, always runs)",
+    )
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -191,7 +230,21 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
+    setup = {
+        "d_model": d_model,
+        "seq_lens": list(seq_lens),
+        "tokens_per_batch": batch_tokens,
+        "dtype": args.dtype,
+        "step": "forward + backward of one mixer layer, random output gradient",
+        "timing": "CUDA events, median" if device.type == "cuda" else "perf_counter, median",
+    }
     plan = rows(args.smoke)
+    if args.only:
+        known = {label for label, _, _ in plan}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            ap.error(f"--only: unknown rows {unknown}; known: {sorted(known)}")
+        plan = [r for r in plan if r[0] in args.only or r[0] == "attention"]
     for seq_len in seq_lens:
         batch = max(1, batch_tokens // seq_len)
         for label, name, options in plan:
@@ -224,32 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             shown = f"{row['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in row else row["error"]
             print(f"T={seq_len:>5} B={batch:>2} {label:<22} {shown}", flush=True)
-    # ratios against attention at the same length, from the same process
-    anchor = {r["seq_len"]: r.get("tokens_per_s") for r in results if r["label"] == "attention"}
-    for r in results:
-        a = anchor.get(r["seq_len"])
-        r["vs_attention"] = r["tokens_per_s"] / a if a and r.get("tokens_per_s") else None
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "mixers_throughput",
-        "command": " ".join(["python", "benchmarks/mixers_throughput.py", *(argv or sys.argv[1:])]),
-        "smoke": args.smoke,
-        "environment": environment(device),
-        "setup": {
-            "d_model": d_model,
-            "seq_lens": list(seq_lens),
-            "tokens_per_batch": batch_tokens,
-            "dtype": args.dtype,
-            "step": "forward + backward of one mixer layer, random output gradient",
-            "timing": "CUDA events, median" if device.type == "cuda" else "perf_counter, median",
-        },
-        "wall_s": time.perf_counter() - t_start,
-        "results": results,
-    }
-    path = out_dir / "mixers_throughput.json"
-    path.write_text(json.dumps(payload, indent=2))
+            # written after every row, so that a timeout or Ctrl-C keeps what was measured
+            write_results(args, argv, device, results, setup, t_start)
+    payload = write_results(args, argv, device, results, setup, t_start)
+    path = Path(args.out) / "mixers_throughput.json"
     print(f"\n{'mixer':<22} " + " ".join(f"{'T=' + str(n):>22}" for n in seq_lens))
     for label, _, _ in plan:
         cells = []

@@ -435,6 +435,10 @@ class AssocMemoryConfig(MixerConfig):
     # and the outer loop can raise it.
     mem_forget_init: float = 5e-4
     mem_momentum_init: float = 0.9  # eta_t at init (Titans' momentum; unused without momentum)
+    # Run each whole chunk's read and update (``chunk_step``) through torch.compile: the chunk is
+    # ~100 small ops, launch-bound on a GPU, and the compiler fuses its elementwise chains. Same
+    # function (tested against the eager form); costs a compilation on first use per shape.
+    mem_compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -454,6 +458,8 @@ class AssocMemoryConfig(MixerConfig):
                 f"{type(self).__name__}.mem_max_grad_norm must be None or > 0, got {self.mem_max_grad_norm!r}"
             )
 
+
+_COMPILED_STEP = None  # torch.compile(chunk_step), built on first use
 
 # Gate initialisations (step lr_max/2, Huber threshold 1; keep and momentum from the config).
 _DELTA_BIAS = 0.5413  # softplus^-1(1)
@@ -486,10 +492,11 @@ class NeuralMemory(nn.Module):
         loss_mean: bool = False,
         forget_init: float = 1e-2,
         momentum_init: float = 0.9,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
-        self.lr_max, self.momentum = lr_max, momentum
+        self.lr_max, self.momentum, self.compiled = lr_max, momentum, compiled
         inner = n_heads * head_dim
         self.q_proj = ShortConv(d_in, inner, conv_size)
         self.kv_proj = ShortConv(d_in, 2 * inner, conv_size)
@@ -536,6 +543,7 @@ class NeuralMemory(nn.Module):
             loss_mean=c.mem_loss_mean,
             forget_init=c.mem_forget_init,
             momentum_init=c.mem_momentum_init,
+            compiled=c.mem_compile,
             bias=bias,
             retention=retention,
             momentum=momentum,
@@ -556,6 +564,14 @@ class NeuralMemory(nn.Module):
         st["mem.conv_q"] = self.q_proj.init_state(batch_size, device, dtype)
         st["mem.conv_kv"] = self.kv_proj.init_state(batch_size, device, dtype)
         return st
+
+    def _compiled_step(self):  # noqa: ANN202 (a compiled ``chunk_step``)
+        # One compiled function per process, shared by every layer: dynamo guards on the core's
+        # constants (depth, bias, retention), so layers of one model reuse one graph.
+        global _COMPILED_STEP
+        if _COMPILED_STEP is None:
+            _COMPILED_STEP = torch.compile(chunk_step, dynamic=False)
+        return _COMPILED_STEP
 
     # -- projections ---------------------------------------------------------------------------
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -694,19 +710,42 @@ class NeuralMemory(nn.Module):
             if self.momentum
             else None
         )
+        step = self._compiled_step() if self.compiled else chunk_step
         reads = []
         for j in range(n_chunks):
-            ws = [core.retention.weights(a) for a in accs]
-            out, cache = mlp_forward(ws, qk[j], core.residual_norm, core.ln_eps)
-            reads.append(out[:, :c])
-            kcache = MLPCache([u[:, c:] for u in cache.inputs], [u[:, c:] for u in cache.pre])
-            factors = core.grad_factors(ws, kcache, out[:, c:], vs[j], extras[j])
             coefs = (ws_c[j], keep_c[j], c_mom_c[j], mom_all_c[j])
-            accs, moms = core.apply(accs, moms, factors, coefs, k_norm[j])
+            read, accs, moms = step(core, accs, moms, qk[j], vs[j], coefs, extras[j], k_norm[j])
+            reads.append(read)
         new: State = {f"mem.w{i}": acc.reshape(b, h, *acc.shape[1:]) for i, acc in enumerate(accs)}
         if moms is not None:
             new.update({f"mem.s{i}": mom.reshape(b, h, *mom.shape[1:]) for i, mom in enumerate(moms)})
         return torch.cat(reads, dim=1).view(b, h, t, d), new
+
+
+def chunk_step(
+    core: AssocMemory,
+    accs: list[torch.Tensor],
+    moms: list[torch.Tensor] | None,
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    coefs: tuple[torch.Tensor | None, ...],
+    extra: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """One whole chunk of ``NeuralMemory.scan_chunks``: read with the chunk-start memory, then update.
+
+    qk: (B*H, 2N, D), the chunk's queries then its keys; v (B*H, N, D); coefs from
+    ``AssocMemory.coefs`` for this chunk; extra (B*H, N, E) or None; k_norm (B*H, N) or None.
+    Returns the reads (B*H, N, D) and the new accumulators and momenta. A free function of tensors
+    (and the core's constants) so that ``torch.compile`` can fuse it as one graph.
+    """
+    n = v.shape[1]
+    ws = [core.retention.weights(a) for a in accs]
+    out, cache = mlp_forward(ws, qk, core.residual_norm, core.ln_eps)
+    kcache = MLPCache([u[:, n:] for u in cache.inputs], [u[:, n:] for u in cache.pre])
+    factors = core.grad_factors(ws, kcache, out[:, n:], v, extra)
+    accs, moms = core.apply(accs, moms, factors, coefs, k_norm)
+    return out[:, :n], accs, moms
 
 
 def merge_heads(t: torch.Tensor) -> torch.Tensor:

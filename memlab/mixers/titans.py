@@ -29,6 +29,7 @@ last ``window - 1`` keys/values (MAG, MAL) or the partial segment's keys/values 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -392,9 +393,8 @@ class TitansMAC(_Titans):
         b, h, t, d = xq.shape
         x_dtype, dev = xq.dtype, xq.device
         seg = self.config.chunk_size
-        n_seg, inner, kernel = t // seg, h * d, mem.q_proj.kernel
+        n_seg, inner = t // seg, h * d
         sd = st["mem.k"].dtype
-        scale = 1.0 / math.sqrt(self.head_dim)
         pos = torch.arange(seg, device=dev)
 
         def rope(u: torch.Tensor) -> torch.Tensor:  # (B, H, C*N, D), every segment at positions 0..N-1
@@ -424,52 +424,19 @@ class TitansMAC(_Titans):
             conv = conv.to(x_dtype)[:, 0]  # (C, K): depthwise, y[t] = sum_k conv[:, k] x[t + k]
             conv_kv = st["mem.conv_kv"]
             cs = torch.cat([st["mac.conv_qy"].to(x_dtype), conv_kv[..., kv_perm].to(x_dtype)], dim=-1)
+        else:
+            cs = None
         accs = [st[f"mem.w{i}"].reshape(b * h, *core.shapes[i]) for i in range(core.depth)]
         moms = [st[f"mem.s{i}"].reshape(b * h, *core.shapes[i]) for i in range(core.depth)]
-        lr_max = mem.lr_max
+        fixed = {
+            "pk": pk, "pv": pv, "mask": mask, "w_kv": w_kv, "w_attn": w_attn, "w_gate": w_gate,
+            "w_y": w_y, "b_y": b_y, "conv": conv, "cos": cos, "sin": sin, "upper": upper,
+        }  # fmt: skip
+        step = self._compiled_segment() if mem.compiled else self._segment_step
         outs = []
         for j in range(n_seg):
-            ws = [core.retention.weights(a) for a in accs]
-            hm = mlp_forward(ws, qms[j], core.residual_norm, core.ln_eps)[0]
-            if hm.dtype != x_dtype:
-                hm = hm.to(x_dtype)
-            hkv = F.linear(hm.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), w_kv)
-            hk = hkv[:, :dm].view(b, seg, h, d).transpose(1, 2)
-            hv = hkv[:, dm:].view(b, seg, h, d).transpose(1, 2)
-            if cos is not None:
-                h1, h2 = hk[..., : d // 2], hk[..., d // 2 :]
-                hk = torch.cat([h1 * cos - h2 * sin, h1 * sin + h2 * cos], dim=-1)
-            keys = torch.cat([pk, hk, xks[j]], dim=2)
-            vals = torch.cat([pv, hv, xvs[j]], dim=2)
-            att = F.scaled_dot_product_attention(qs[j], keys, vals, attn_mask=mask, scale=scale)
-            y = F.linear(att.transpose(1, 2).reshape(b * seg, dm), w_attn)  # (B*N, d_model)
-            u = F.linear(y, w_y, b_y).view(b, seg, -1)  # (B, N, 3 inner + 3 H)
-            a = u[..., : 3 * inner]
-            if conv is not None:
-                full = torch.cat([cs, a], dim=1)
-                a = (full.unfold(1, kernel, 1) * conv).sum(-1)
-                cs = full[:, seg:]
-            a = F.silu(a)
-            # [queries of y | keys of y] of every (batch, head): one MLP pass at the segment-start memory
-            qk_y = F.normalize(a[..., : 2 * inner].reshape(b, seg, 2 * h, d), dim=-1)
-            qk_y = qk_y.view(b, seg, 2, h, d).permute(0, 3, 2, 1, 4).reshape(b * h, 2 * seg, d)
-            vy = a[..., 2 * inner :].reshape(b, seg, h, d).transpose(1, 2).reshape(b * h, seg, d)
-            pre = u[..., 3 * inner :]
-            log_g = (
-                F.logsigmoid(pre[..., : 2 * h]).view(b, seg, 2, h).permute(2, 0, 3, 1).reshape(2, b * h, seg)
-            )
-            lr = (lr_max * torch.sigmoid(pre[..., 2 * h :])).transpose(1, 2).reshape(b * h, seg)
-            if sd != x_dtype:
-                qk_y, vy, log_g, lr = qk_y.to(sd), vy.to(sd), log_g.to(sd), lr.to(sd)
-            out, cache = mlp_forward(ws, qk_y, core.residual_norm, core.ln_eps)
-            read_y = out[:, :seg]
-            if read_y.dtype != x_dtype:
-                read_y = read_y.to(x_dtype)
-            gate = F.linear(read_y.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), w_gate)
-            outs.append((y * torch.sigmoid(gate)).view(b, seg, dm))
-            kcache = MLPCache([c[:, seg:] for c in cache.inputs], [c[:, seg:] for c in cache.pre])
-            factors = core.grad_factors(ws, kcache, out[:, seg:], vy, None)
-            accs, moms = core.apply(accs, moms, factors, core.coefs(log_g[0], lr, log_g[1], upper))
+            out, accs, moms, cs = step(accs, moms, cs, qms[j], qs[j], xks[j], xvs[j], fixed)
+            outs.append(out)
         st.update({f"mem.w{i}": acc.reshape(b, h, *acc.shape[1:]) for i, acc in enumerate(accs)})
         st.update({f"mem.s{i}": mom.reshape(b, h, *mom.shape[1:]) for i, mom in enumerate(moms)})
         if conv is not None:
@@ -479,3 +446,79 @@ class TitansMAC(_Titans):
             st["mac.conv_qy"] = cs[..., :inner].to(st["mac.conv_qy"].dtype)
             st["mem.conv_kv"] = cs[..., inner:][..., inv_perm].to(conv_kv.dtype)
         return torch.cat(outs, dim=1), st
+
+    def _compiled_segment(self):  # noqa: ANN202 (``_segment_step`` bound to self, compiled)
+        # The memory's ``mem_compile``: the segment is ~150 small ops, launch-bound on a GPU. One
+        # compiled function per process; dynamo treats self as an input, so layers share it.
+        global _COMPILED_SEGMENT
+        if _COMPILED_SEGMENT is None:
+            _COMPILED_SEGMENT = torch.compile(TitansMAC._segment_step, dynamic=False)
+        return functools.partial(_COMPILED_SEGMENT, self)
+
+    def _segment_step(
+        self,
+        accs: list[torch.Tensor],
+        moms: list[torch.Tensor],
+        cs: torch.Tensor | None,
+        qm: torch.Tensor,
+        q: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        fixed: dict[str, torch.Tensor | None],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """One whole segment of ``_segments``: attention over [persistent | memory | segment], the
+        output gate, and the memory's write of the attention output.
+
+        accs, moms: the memory's accumulators and momenta, batch and heads folded (B*H, Din, Dout);
+        cs (B, K-1, C) the merged conv state of y's projection (None without a conv); qm (B*H, N, D)
+        the memory queries in the state dtype; q, xk, xv (B, H, N, D) the segment's rotated queries,
+        keys and values; ``fixed`` what ``_segments`` computed once for all segments. Returns the
+        output (B, N, d_model) and the new accs, moms and cs.
+        """
+        mem, core = self.memory, self.memory.core
+        b, h, seg, d = q.shape
+        dm, inner, kernel = self.config.d_model, h * d, mem.q_proj.kernel
+        x_dtype, sd = q.dtype, accs[0].dtype
+        cos, sin, conv = fixed["cos"], fixed["sin"], fixed["conv"]
+        ws = [core.retention.weights(a) for a in accs]
+        hm = mlp_forward(ws, qm, core.residual_norm, core.ln_eps)[0]
+        if hm.dtype != x_dtype:
+            hm = hm.to(x_dtype)
+        hkv = F.linear(hm.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), fixed["w_kv"])
+        hk = hkv[:, :dm].view(b, seg, h, d).transpose(1, 2)
+        hv = hkv[:, dm:].view(b, seg, h, d).transpose(1, 2)
+        if cos is not None:
+            h1, h2 = hk[..., : d // 2], hk[..., d // 2 :]
+            hk = torch.cat([h1 * cos - h2 * sin, h1 * sin + h2 * cos], dim=-1)
+        keys = torch.cat([fixed["pk"], hk, xk], dim=2)
+        vals = torch.cat([fixed["pv"], hv, xv], dim=2)
+        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=fixed["mask"], scale=1.0 / math.sqrt(d))
+        y = F.linear(att.transpose(1, 2).reshape(b * seg, dm), fixed["w_attn"])  # (B*N, d_model)
+        u = F.linear(y, fixed["w_y"], fixed["b_y"]).view(b, seg, -1)  # (B, N, 3 inner + 3 H)
+        a = u[..., : 3 * inner]
+        if conv is not None:
+            full = torch.cat([cs, a], dim=1)
+            a = (full.unfold(1, kernel, 1) * conv).sum(-1)
+            cs = full[:, seg:]
+        a = F.silu(a)
+        # [queries of y | keys of y] of every (batch, head): one MLP pass at the segment-start memory
+        qk_y = F.normalize(a[..., : 2 * inner].reshape(b, seg, 2 * h, d), dim=-1)
+        qk_y = qk_y.view(b, seg, 2, h, d).permute(0, 3, 2, 1, 4).reshape(b * h, 2 * seg, d)
+        vy = a[..., 2 * inner :].reshape(b, seg, h, d).transpose(1, 2).reshape(b * h, seg, d)
+        pre = u[..., 3 * inner :]
+        log_g = F.logsigmoid(pre[..., : 2 * h]).view(b, seg, 2, h).permute(2, 0, 3, 1).reshape(2, b * h, seg)
+        lr = (mem.lr_max * torch.sigmoid(pre[..., 2 * h :])).transpose(1, 2).reshape(b * h, seg)
+        if sd != x_dtype:
+            qk_y, vy, log_g, lr = qk_y.to(sd), vy.to(sd), log_g.to(sd), lr.to(sd)
+        out, cache = mlp_forward(ws, qk_y, core.residual_norm, core.ln_eps)
+        read_y = out[:, :seg]
+        if read_y.dtype != x_dtype:
+            read_y = read_y.to(x_dtype)
+        gate = F.linear(read_y.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), fixed["w_gate"])
+        kcache = MLPCache([c[:, seg:] for c in cache.inputs], [c[:, seg:] for c in cache.pre])
+        factors = core.grad_factors(ws, kcache, out[:, seg:], vy, None)
+        accs, moms = core.apply(accs, moms, factors, core.coefs(log_g[0], lr, log_g[1], fixed["upper"]))
+        return (y * torch.sigmoid(gate)).view(b, seg, dm), accs, moms, cs
+
+
+_COMPILED_SEGMENT = None  # torch.compile(TitansMAC._segment_step), built on first use
