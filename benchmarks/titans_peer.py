@@ -133,11 +133,13 @@ SMOKE = {
 
 
 # -- the two models -------------------------------------------------------------------------
-def memlab_model(cfg: dict[str, Any], vocab: int, short_conv: int = 0) -> LM:
+def memlab_model(cfg: dict[str, Any], vocab: int, short_conv: int = 0, compiled: bool = False) -> LM:
     """``short_conv``: memlab LM's causal depthwise convolution before every mixer (the passkey
-    suites use 4 taps); titans-pytorch has no such layer, so only 0 is matched."""
+    suites use 4 taps); titans-pytorch has no such layer, so only 0 is matched. ``compiled``: the
+    memory's segment step through torch.compile (``mem_compile``; the same function)."""
     spec = {
         "mixer": "titans_mac",
+        "mem_compile": compiled,
         "n_heads": cfg["n_heads"],
         "chunk_size": cfg["segment"],
         "n_persistent": cfg["n_persistent"],
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="training tokens per epoch for every model (default: from --train-budget)")
     ap.add_argument("--memlab-short-conv", type=int, nargs="+", default=[0], metavar="K",
                     help="one memlab model per value: its LM's short convolution taps (0: none, matched)")
+    ap.add_argument("--memlab-compile", action="store_true",
+                    help="also a compiled twin of every memlab model (mem_compile; label suffix _compiled)")
     args = ap.parse_args(argv)
     if args.epochs < 1:
         ap.error(f"--epochs must be >= 1, got {args.epochs}")
@@ -488,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_tokens_per_epoch": args.train_tokens,
             "epochs": args.epochs,
             "memlab_short_conv": args.memlab_short_conv,
+            "memlab_compile": args.memlab_compile,
             "wall_s": time.perf_counter() - t0,
             "results": results,
         }
@@ -502,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         ("memlab" if k == 0 else f"memlab_conv{k}"): (lambda v, k=k: memlab_model(cfg, v, short_conv=k))
         for k in args.memlab_short_conv
     }
+    if args.memlab_compile:
+        for k in args.memlab_short_conv:
+            label = ("memlab" if k == 0 else f"memlab_conv{k}") + "_compiled"
+            models[label] = lambda v, k=k: memlab_model(cfg, v, short_conv=k, compiled=True)
     models["titans_pytorch"] = lambda v: PeerLM(cfg, v)
     results: dict[str, Any] = {}
     trained: dict[str, nn.Module] = {}

@@ -570,7 +570,7 @@ class NeuralMemory(nn.Module):
         # constants (depth, bias, retention), so layers of one model reuse one graph.
         global _COMPILED_STEP
         if _COMPILED_STEP is None:
-            _COMPILED_STEP = torch.compile(chunk_step, dynamic=False)
+            _COMPILED_STEP = torch.compile(chunk_step)
         return _COMPILED_STEP
 
     # -- projections ---------------------------------------------------------------------------

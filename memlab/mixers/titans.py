@@ -452,7 +452,7 @@ class TitansMAC(_Titans):
         # compiled function per process; dynamo treats self as an input, so layers share it.
         global _COMPILED_SEGMENT
         if _COMPILED_SEGMENT is None:
-            _COMPILED_SEGMENT = torch.compile(TitansMAC._segment_step, dynamic=False)
+            _COMPILED_SEGMENT = torch.compile(TitansMAC._segment_step)
         return functools.partial(_COMPILED_SEGMENT, self)
 
     def _segment_step(
