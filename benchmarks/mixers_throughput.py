@@ -54,7 +54,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "rcmha": {"n_heads": HEADS},
 }
 # Extra rows: (label, mixer, options over the mixer's row) timed beside the one-row-per-mixer list.
-EXTRA_ROWS = [("memmamba x2 layers", "memmamba", {"n_layers": 2})] + [
+EXTRA_ROWS = [
+    ("memmamba x2 layers", "memmamba", {"n_layers": 2}),
+    # Based's Taylor branch as PyTorch chunked matmuls instead of memlab's fused Triton kernel
+    ("based chunked", "based", {"fused": False}),
+] + [
     # the memory's per-chunk read and update through torch.compile (``mem_compile``)
     (f"{name} compiled", name, {"mem_compile": True})
     for name in ("titans_mac", "titans_mag", "moneta")
