@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda when present (cpu with --smoke)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--time-budget", type=float, default=360.0, help="seconds for the whole sweep")
+    ap.add_argument("--d-model", type=int, default=None, help="default 512 (32 with --smoke)")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 2048 8192")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per batch, default 16384")
     ap.add_argument(
         "--only",
         nargs="+",
@@ -221,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         help="time only these rows (labels as printed; attention, the anchor, always runs)",
     )
     args = ap.parse_args(argv)
+    for name in ("d_model", "batch_tokens"):
+        val = getattr(args, name)
+        if val is not None and val < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {val}")
+    if args.seq_lens and min(args.seq_lens) < 1:
+        ap.error(f"--seq-lens must all be >= 1, got {args.seq_lens}")
 
     if args.smoke:
         device = torch.device(args.device or "cpu")
@@ -228,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         d_model, seq_lens, batch_tokens, warmup, repeats, per_row = D_MODEL, (2048, 8192), 16384, 2, 10, 4.0
+    # a smaller scale (the CPU); the mixers keep their options (8 heads: d_model a multiple of 8)
+    d_model = args.d_model or d_model
+    seq_lens = tuple(args.seq_lens or seq_lens)
+    batch_tokens = args.batch_tokens or batch_tokens
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
