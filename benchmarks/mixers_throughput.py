@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -100,7 +101,7 @@ def time_step(
     """Seconds of forward + backward steps (after ``warmup`` untimed ones) and the peak memory.
 
     The number of timed steps is ``repeats``, cut so that they fit in about ``budget_s`` given the
-    first step's time (at least 3 on a GPU so the median means something).
+    last warm-up step's time (at least 3 on a GPU so the median means something).
     """
     cuda = device.type == "cuda"
 
@@ -114,13 +115,14 @@ def time_step(
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
     for _ in range(max(warmup, 1)):
+        # the last warm-up step sizes the timed run: the first ones include compilation
+        t0 = time.perf_counter()
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
-    first = (time.perf_counter() - t0) / max(warmup, 1)
-    n = max(min(repeats, int(budget_s / max(first, 1e-6))), 3 if cuda else 1)
+        if cuda:
+            torch.cuda.synchronize(device)
+        last = time.perf_counter() - t0
+    n = max(min(repeats, int(budget_s / max(last, 1e-6))), 3 if cuda else 1)
     times = call_times(step, device=device, repeats=n)
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
     return times, peak
@@ -193,7 +195,7 @@ def write_results(
         r["vs_attention"] = r["tokens_per_s"] / a if a and r.get("tokens_per_s") else None
     payload = {
         "benchmark": "mixers_throughput",
-        "command": " ".join(["python", "benchmarks/mixers_throughput.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "benchmarks/mixers_throughput.py", *(argv or sys.argv[1:])]),
         "smoke": args.smoke,
         "environment": environment(device),
         "setup": setup,
