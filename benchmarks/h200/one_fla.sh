@@ -11,6 +11,6 @@ mkdir -p $TRITON_CACHE_DIR
 [ -f .tcache/triton_cache.tgz ] && tar xzf .tcache/triton_cache.tgz -C $TRITON_CACHE_DIR
 T=${T:-480}
 PYTHONPATH=$PWD:/tmp/fla_site timeout "$T" python3 benchmarks/mixers_fla.py --variant-s ${VARIANT_S:-260} \
-  --fla-kinds ${FLA_KINDS:-linear_attention} --out "$OUT/fla" --budget-s $((T - 60)) > "$OUT/fla.log" 2>&1
+  --fla-kinds "$(echo ${FLA_KINDS:-linear_attention} | tr " " ",")" --out "$OUT/fla" --budget-s $((T - 60)) > "$OUT/fla.log" 2>&1
 tail -25 "$OUT/fla.log"
 tar czf "$OUT/triton_cache.tgz" -C $TRITON_CACHE_DIR . && du -sh "$OUT/triton_cache.tgz"
