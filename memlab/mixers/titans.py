@@ -39,9 +39,9 @@ from torch import nn
 
 from memlab.mixers.assoc_memory import (
     AssocMemoryConfig,
-    MLPCache,
     NeuralMemory,
     causal_log_mask,
+    chunk_step,
     merge_heads,
     mlp_forward,
 )
@@ -510,14 +510,12 @@ class TitansMAC(_Titans):
         lr = (mem.lr_max * torch.sigmoid(pre[..., 2 * h :])).transpose(1, 2).reshape(b * h, seg)
         if sd != x_dtype:
             qk_y, vy, log_g, lr = qk_y.to(sd), vy.to(sd), log_g.to(sd), lr.to(sd)
-        out, cache = mlp_forward(ws, qk_y, core.residual_norm, core.ln_eps)
-        read_y = out[:, :seg]
+        # y's reads and the write, as one chunk of the shared memory step
+        coefs = core.coefs(log_g[0], lr, log_g[1], fixed["upper"])
+        read_y, accs, moms = chunk_step(core, accs, moms, qk_y, vy, coefs, None, None)
         if read_y.dtype != x_dtype:
             read_y = read_y.to(x_dtype)
         gate = F.linear(read_y.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), fixed["w_gate"])
-        kcache = MLPCache([c[:, seg:] for c in cache.inputs], [c[:, seg:] for c in cache.pre])
-        factors = core.grad_factors(ws, kcache, out[:, seg:], vy, None)
-        accs, moms = core.apply(accs, moms, factors, core.coefs(log_g[0], lr, log_g[1], fixed["upper"]))
         return (y * torch.sigmoid(gate)).view(b, seg, dm), accs, moms, cs
 
 
