@@ -1,7 +1,7 @@
 """Miras (Behrouz et al. 2025): Moneta, Yaad and Memora on the shared associative-memory core.
 
 Each model is one choice of attentional bias and retention for ``NeuralMemory`` (see
-``assoc_memory``); the memory is a 2-layer MLP ``W2 gelu(W1 x)`` per head (expansion 4; the
+``neural_memory``); the memory is a 2-layer MLP ``W2 gelu(W1 x)`` per head (expansion 4; the
 paper's ``x + LN(...)`` block is ``mem_residual_norm=True``, off by default because it did not learn
 recall in our MQAR probe), learned at test time by gradient descent with data-dependent step
 ``eta_t`` and keep gate ``alpha_t`` (both per head and token), in the chunked parallel form:
@@ -33,11 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlab.mixers.assoc_memory import (
-    AssocMemoryConfig,
-    NeuralMemory,
-    merge_heads,
-)
 from memlab.mixers.assoc_objectives import (
     AttentionalBias,
     DecayRetention,
@@ -48,6 +43,7 @@ from memlab.mixers.assoc_objectives import (
     Retention,
 )
 from memlab.mixers.base import Mixer, State, register
+from memlab.mixers.neural_memory import AssocMemoryConfig, NeuralMemory, merge_heads
 
 
 @dataclass(kw_only=True)

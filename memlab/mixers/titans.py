@@ -1,6 +1,6 @@
 """Titans (Behrouz et al. 2024): a neural long-term memory beside attention, in three variants.
 
-The long-term memory is ``NeuralMemory`` from ``assoc_memory`` with Titans' choices: L2
+The long-term memory is ``NeuralMemory`` from ``neural_memory`` with Titans' choices: L2
 attentional bias ``||M(k) - v||^2``, momentum ("surprise") ``S_t = eta_t S_{t-1} - theta_t grad``,
 weight-decay forgetting ``M_t = (1 - alpha_t) M_{t-1} + S_t`` (the keep gate is ``1 - alpha_t``),
 all three gates data-dependent; an MLP memory per head trained with the chunked parallel form.
@@ -37,19 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlab.mixers.assoc_memory import (
-    AssocMemoryConfig,
-    NeuralMemory,
-    causal_log_mask,
-    chunk_step,
-    merge_heads,
-    mlp_forward,
-)
+from memlab.mixers.assoc_memory import causal_log_mask, chunk_step, mlp_forward
 from memlab.mixers.assoc_objectives import (
     DecayRetention,
     LpBias,
 )
 from memlab.mixers.base import Mixer, State, check_positive, register
+from memlab.mixers.neural_memory import AssocMemoryConfig, NeuralMemory, merge_heads
 from memlab.mixers.rope import rotary
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from memlab import mixers
-from memlab.mixers.assoc_memory import NeuralMemory
 from memlab.mixers.assoc_objectives import DecayRetention, HuberBias, LpBias
+from memlab.mixers.neural_memory import NeuralMemory
 
 D = 16
 

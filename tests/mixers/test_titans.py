@@ -11,7 +11,6 @@ import torch
 from memlab import mixers
 from memlab.mixers.assoc_memory import (
     AssocMemory,
-    NeuralMemory,
     mlp_backward,
     mlp_forward,
     reference_update,
@@ -21,6 +20,7 @@ from memlab.mixers.assoc_objectives import (
     DecayRetention,
     LpBias,
 )
+from memlab.mixers.neural_memory import NeuralMemory
 from memlab.mixers.titans import window_attention
 
 DT = torch.float64
