@@ -153,7 +153,7 @@ def run_one(spec: dict) -> None:
     if spec["part"] == "throughput":
         row = measure_throughput(spec["impl"], spec["kind"], spec["T"], spec["B"], spec["smoke"])
     else:
-        row = measure_mqar(spec["impl"], spec["kind"], spec["smoke"])
+        row = measure_mqar(spec["impl"], spec["kind"], spec["smoke"], spec.get("recipe", "single"))
     print("ROW " + json.dumps(row), flush=True)
 
 
@@ -218,37 +218,64 @@ MQAR_D = 128
 MQAR_SHORT_CONV = 4
 
 
+MQAR_RECIPES = ("single", "curriculum")
+_MQAR_KINDS = [MEMLAB_KINDS]  # --mqar-kinds
+_MQAR_DEVICE = ["cuda"]  # a CPU check of the MQAR part may set it to "cpu" (memlab layers only)
+_MQAR_RECIPE = ["single"]  # --mqar-recipe
+
+
 @functools.cache
-def mqar_setup(smoke: bool) -> tuple:
-    """The shared MQAR configuration: train and test sets (seeded) and the trainer config."""
-    task = build_task("mqar", vocab_size=8192, seq_len=256, num_pairs=16)
-    n_train = 2000 if smoke else 20000
-    train_set, test_set = task.make(n_train, seed=0), task.make(1000, seed=1)
-    # The same 25 s training cap for every model (the schedule follows it): memlab's pure-PyTorch
-    # Mamba scan would otherwise take minutes of the call.
-    cfg = TrainConfig(lr=1e-3, epochs=2 if smoke else 6, batch_size=128, warmup_steps=50,
-                      target_accuracy=0.99, seed=0, progress=False, max_train_s=None if smoke else 25.0)
-    return train_set, test_set, cfg
+def mqar_setup(smoke: bool, recipe: str = "single") -> tuple:
+    """The shared MQAR configuration: train sets, test sets (name -> set; other seeds) and the
+    trainer config. ``single``: 20k sequences of (256 tokens, 16 pairs), batch 128, lr 1e-3, 6
+    epochs or 25 s (runs c-e). ``curriculum``: the `mqar_h200` suite's train mix, (64, 4) to
+    (256, 64) with 10k sequences each, batch 256, lr 2.15e-3, weight decay 0.1, clipping 1.0, 6
+    epochs or 45 s, tested at the five train configurations: on the single configuration every
+    sub-quadratic layer stayed at chance (run e), while in the suite Based reached 0.89 at (256, 16)."""
+    if recipe == "single":
+        task = build_task("mqar", vocab_size=8192, seq_len=256, num_pairs=16)
+        n_train = 2000 if smoke else 20000
+        # The same 25 s training cap for every model (the schedule follows it).
+        cfg = TrainConfig(lr=1e-3, epochs=2 if smoke else 6, batch_size=128, warmup_steps=50,
+                          target_accuracy=0.99, seed=0, progress=False, max_train_s=None if smoke else 25.0)
+        return [task.make(n_train, seed=0)], {"test": task.make(1000, seed=1)}, cfg
+    if recipe != "curriculum":
+        raise ValueError(f"recipe must be one of {MQAR_RECIPES}, got {recipe!r}")
+    shapes = [(64, 4), (128, 8), (256, 16), (256, 32), (256, 64)]
+    n_train, n_test = (500, 100) if smoke else (10000, 1000)
+    train_sets, test_sets = [], {}
+    for i, (length, pairs) in enumerate(shapes):
+        task = build_task("mqar", vocab_size=8192, seq_len=length, num_pairs=pairs)
+        train_sets.append(task.make(n_train, seed=10 + i))
+        test_sets[f"L{length} kv{pairs}"] = task.make(n_test, seed=100 + i)
+    cfg = TrainConfig(lr=2.1544e-3, epochs=2 if smoke else 6, batch_size=256, warmup_steps=0,
+                      weight_decay=0.1, grad_clip=1.0, target_accuracy=0.99, seed=0, progress=False,
+                      max_train_s=None if smoke else 45.0)
+    return train_sets, test_sets, cfg
 
 
-def warm_up(model: nn.Module, train_set, test_set, batch_size: int) -> None:
-    """Compile and autotune every kernel at the training and evaluation shapes before the 25 s cap
-    starts: in run d memlab's Taylor kernel spent most of its cap compiling, and fla's chunk kernels
-    autotune for ~200 s on a cold cache. No optimiser step: the weights stay as initialised."""
-    model.to("cuda").train()
-    out = model(train_set.inputs[:batch_size].cuda())
-    (out[0] if isinstance(out, tuple) else out).float().logsumexp(-1).mean().backward()
+def warm_up(model: nn.Module, train_sets: list, test_sets: dict, batch_size: int) -> None:
+    """Compile and autotune every kernel at the training and evaluation shapes before the training
+    cap starts: in run d memlab's Taylor kernel spent most of its cap compiling, and fla's chunk
+    kernels autotune for ~200 s on a cold cache. No optimiser step: the weights stay as initialised."""
+    dev = _MQAR_DEVICE[0]
+    model.to(dev).train()
+    for data in {d.inputs.shape[1]: d for d in train_sets}.values():
+        out = model(data.inputs[:batch_size].to(dev))
+        (out[0] if isinstance(out, tuple) else out).float().logsumexp(-1).mean().backward()
     model.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():
-        for n in {batch_size, len(test_set) % batch_size or batch_size}:
-            model(test_set.inputs[:n].cuda())
-    torch.cuda.synchronize()
+        for data in test_sets.values():
+            for n in {batch_size, len(data) % batch_size or batch_size}:
+                model(data.inputs[:n].to(dev))
+    if dev == "cuda":
+        torch.cuda.synchronize()
 
 
-def measure_mqar(impl: str, kind: str, smoke: bool) -> dict:
+def measure_mqar(impl: str, kind: str, smoke: bool, recipe: str = "single") -> dict:
     """A 2-layer LM of this layer trained on the shared MQAR configuration: accuracy, or an error."""
-    train_set, test_set, cfg = mqar_setup(smoke)
+    train_sets, test_sets, cfg = mqar_setup(smoke, recipe)
     row: dict = {}
     try:
         torch.manual_seed(0)
@@ -260,30 +287,36 @@ def measure_mqar(impl: str, kind: str, smoke: bool) -> dict:
             block.mixer = memlab_layer(kind, MQAR_D) if impl == "memlab" else FlaAsMixer(
                 fla_layer(kind, MQAR_D, 2)
             )
-        warm_up(model, train_set, test_set, cfg.batch_size)
+        warm_up(model, train_sets, test_sets, cfg.batch_size)
         t0 = time.perf_counter()
-        res = train(model, [train_set], {"test": test_set}, cfg, "cuda")
-        row.update(accuracy=res.eval_accuracy["test"], best=res.best_accuracy["test"],
+        res = train(model, train_sets, test_sets, cfg, _MQAR_DEVICE[0])
+        acc = res.eval_accuracy
+        row.update(accuracy=acc["test"] if "test" in acc else sum(acc.values()) / len(acc),
                    epochs=res.epochs_run, steps=res.steps, stopped_by_time=res.stopped_by_time,
                    tokens_per_s=res.tokens_per_s, wall_s=time.perf_counter() - t0)
+        if "test" in acc:
+            row["best"] = res.best_accuracy["test"]
+        else:
+            row.update(recipe=recipe, accuracy_per_test=dict(acc))
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
     return row
 
 
 def mqar(smoke: bool, rows: list[dict]) -> list[dict]:
-    memlab_rows = [("memlab", k) for k in MEMLAB_KINDS]
+    memlab_rows = [("memlab", k) for k in _MQAR_KINDS[0]]
     fla_rows = [("fla", k) for k in _FLA_KINDS[0] if k != "mamba"]  # fla's Mamba: per-token slow path
     for impl, kind in memlab_rows + fla_rows:  # fla's Based last: see throughput()
-        row = {"impl": impl, "layer": kind, "d_model": MQAR_D, "seq_len": 256, "num_pairs": 16,
-               "short_conv": MQAR_SHORT_CONV}
+        row = {"impl": impl, "layer": kind, "d_model": MQAR_D, "short_conv": MQAR_SHORT_CONV,
+               **({"seq_len": 256, "num_pairs": 16} if _MQAR_RECIPE[0] == "single" else
+                  {"recipe": _MQAR_RECIPE[0]})}
         if _out_of_time(row):
             rows.append(row)
             continue
         if impl == "fla" and _VARIANT_S[0] > 0:
-            row.update(isolated("mqar", impl, kind, {"smoke": smoke}))
+            row.update(isolated("mqar", impl, kind, {"smoke": smoke, "recipe": _MQAR_RECIPE[0]}))
         else:
-            row.update(measure_mqar(impl, kind, smoke))
+            row.update(measure_mqar(impl, kind, smoke, _MQAR_RECIPE[0]))
         print(row, flush=True)
         rows.append(row)
         _SAVE[0]()
@@ -301,6 +334,10 @@ def main() -> None:
                     help="run each fla variant in a child process killed after this many s (0: in-process)")
     ap.add_argument("--fla-kinds", default=",".join(FLA_KINDS),
                     help=f"comma-separated fla layers to measure, in order (of {', '.join(FLA_KINDS)})")
+    ap.add_argument("--mqar-recipe", choices=MQAR_RECIPES, default="single",
+                    help="the shared MQAR configuration (see mqar_setup)")
+    ap.add_argument("--mqar-kinds", default=None,
+                    help="comma-separated memlab layers for the MQAR part (default: all of MEMLAB_KINDS)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one variant (JSON spec)
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no variant after this many seconds (the rest are recorded as skipped)")
@@ -310,6 +347,14 @@ def main() -> None:
         return
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     _VARIANT_S[0] = args.variant_s
+    _MQAR_RECIPE[0] = args.mqar_recipe
+    if args.mqar_kinds is not None:
+        picked = tuple(k for k in args.mqar_kinds.split(",") if k)
+        bad = [k for k in picked if k not in MEMLAB_KINDS]
+        if bad:
+            ap.error(f"--mqar-kinds: {bad} unknown; expected a comma-separated subset of "
+                     f"{', '.join(MEMLAB_KINDS)}")
+        _MQAR_KINDS[0] = picked
     kinds = tuple(k for k in args.fla_kinds.split(",") if k)
     unknown = [k for k in kinds if k not in FLA_KINDS]
     if unknown:
