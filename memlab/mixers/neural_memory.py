@@ -13,6 +13,8 @@ Shapes: B batch, H heads, T tokens, N tokens in a chunk, D head dim.
 from __future__ import annotations
 
 import math
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +115,52 @@ class AssocMemoryConfig(MixerConfig):
             )
 
 
-_COMPILED_STEP = None  # torch.compile(chunk_step), built on first use
+# ``mem_compile``: compiled copies of the memory's chunk steps, one per static signature.
+# Dynamo caches its graphs on the function's *code object* and, past
+# ``torch._dynamo.config.recompile_limit`` (8) graphs for it, runs that function eagerly for the
+# rest of the process. One compiled ``chunk_step`` shared by every layer of every mixer collected
+# a graph per objective, memory depth, momentum on/off (None arguments), grad mode, requires_grad
+# pattern of the state (first chunk vs the rest) and stride layout of the per-chunk views (which
+# moved with the sequence length), so a benchmark that ran Titans and then Moneta hit the limit
+# and timed Moneta mostly eager. Hence:
+# (1) each static signature (the function, the core's constants, grad mode, batch size, ...) gets
+#     its own copy of the function with a fresh code object, i.e. its own cache and its own
+#     limit; layers and mixers of one signature still share its graphs;
+# (2) the compiled path gets contiguous per-chunk tensors (``contiguous_chunks``), whose strides do
+#     not depend on the length, so no shape or stride of a chunk step depends on the length;
+# (3) the copies compile with static shapes (``dynamic=False``; the batch size is in the key):
+#     dynamo's automatic-dynamic record is kept per function name and line, i.e. shared by the
+#     copies, so one copy's batch size turned the others' graphs dynamic, and dynamic graphs guard
+#     on duck-sized storage offsets of the per-chunk views (``cs.storage_offset() ==
+#     q.storage_offset()``), which recompiled again. Static graphs also give inductor fixed shapes.
+# What remains within a signature is 1-3 graphs (the first chunk's state has no requires_grad or
+# another layout). Raising the global limit instead would change it for every compiled function
+# of the process and leave the count unbounded (it grew with each mixer, length and batch size).
+# (Newer torch.compile's ``isolate_recompiles`` does (1) too; the copy works on every torch.)
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled(fn: Callable, key: tuple) -> Callable:
+    """``torch.compile`` of a private copy of fn (own code object: own dynamo cache), one per key."""
+    out = _COMPILED.get((fn, *key))
+    if out is None:
+        code = fn.__code__.replace()  # a new code object: what dynamo keys its cache on
+        copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+        out = _COMPILED[(fn, *key)] = torch.compile(copy, dynamic=False)
+    return out
+
+
+def contiguous_chunks(parts: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Per-chunk views (of one tensor, strides that depend on the chunk count) -> contiguous ones."""
+    return parts if parts[0] is None else torch.stack(parts).unbind(0)
+
+
+def static_key(obj: object) -> tuple:
+    """The class and plain attributes (numbers, flags, strings) of an objective: what dynamo guards on."""
+    plain = (bool, int, float, str, type(None))
+    return (type(obj), *sorted((k, v) for k, v in vars(obj).items() if isinstance(v, plain)))
+
 
 # Gate initialisations (step lr_max/2, Huber threshold 1; keep and momentum from the config).
 _DELTA_BIAS = 0.5413  # softplus^-1(1)
@@ -219,13 +266,18 @@ class NeuralMemory(nn.Module):
         st["mem.conv_kv"] = self.kv_proj.init_state(batch_size, device, dtype)
         return st
 
-    def _compiled_step(self):  # noqa: ANN202 (a compiled ``chunk_step``)
-        # One compiled function per process, shared by every layer: dynamo guards on the core's
-        # constants (depth, bias, retention), so layers of one model reuse one graph.
-        global _COMPILED_STEP
-        if _COMPILED_STEP is None:
-            _COMPILED_STEP = torch.compile(chunk_step)
-        return _COMPILED_STEP
+    def _compiled_step(self, batch_size: int):  # noqa: ANN202 (a compiled ``chunk_step``)
+        # One compiled copy per static signature (see ``compiled``): the shapes, what dynamo guards
+        # on as constants or None-ness (the core's objective, depth, flags) and the grad mode;
+        # layers and mixers that share them reuse its graphs.
+        core = self.core
+        key = (
+            batch_size * self.n_heads, self.momentum, self.chunk_size, tuple(core.shapes),
+            core.residual_norm, core.ln_eps,
+            core.loss_scale, core.max_grad_norm, static_key(core.bias), static_key(core.retention),
+            torch.is_grad_enabled(),
+        )  # fmt: skip
+        return compiled(chunk_step, key)
 
     # -- projections ---------------------------------------------------------------------------
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -364,7 +416,11 @@ class NeuralMemory(nn.Module):
             if self.momentum
             else None
         )
-        step = self._compiled_step() if self.compiled else chunk_step
+        if self.compiled:  # strides independent of the length: one graph for every length
+            qk, vs, ws_c, keep_c, c_mom_c, mom_all_c, extras, k_norm = map(
+                contiguous_chunks, (qk, vs, ws_c, keep_c, c_mom_c, mom_all_c, extras, k_norm)
+            )
+        step = self._compiled_step(b) if self.compiled else chunk_step
         reads = []
         for j in range(n_chunks):
             coefs = (ws_c[j], keep_c[j], c_mom_c[j], mom_all_c[j])

@@ -43,7 +43,13 @@ from memlab.mixers.assoc_objectives import (
     LpBias,
 )
 from memlab.mixers.base import Mixer, State, check_positive, register
-from memlab.mixers.neural_memory import AssocMemoryConfig, NeuralMemory, merge_heads
+from memlab.mixers.neural_memory import (
+    AssocMemoryConfig,
+    NeuralMemory,
+    compiled,
+    contiguous_chunks,
+    merge_heads,
+)
 from memlab.mixers.rope import rotary
 
 
@@ -426,7 +432,9 @@ class TitansMAC(_Titans):
             "pk": pk, "pv": pv, "mask": mask, "w_kv": w_kv, "w_attn": w_attn, "w_gate": w_gate,
             "w_y": w_y, "b_y": b_y, "conv": conv, "cos": cos, "sin": sin, "upper": upper,
         }  # fmt: skip
-        step = self._compiled_segment() if mem.compiled else self._segment_step
+        if mem.compiled:  # strides independent of the length (see ``neural_memory.compiled``)
+            qms, qs, xks, xvs = map(contiguous_chunks, (qms, qs, xks, xvs))
+        step = self._compiled_segment(b, x_dtype) if mem.compiled else self._segment_step
         outs = []
         for j in range(n_seg):
             out, accs, moms, cs = step(accs, moms, cs, qms[j], qs[j], xks[j], xvs[j], fixed)
@@ -441,13 +449,12 @@ class TitansMAC(_Titans):
             st["mem.conv_kv"] = cs[..., inner:][..., inv_perm].to(conv_kv.dtype)
         return torch.cat(outs, dim=1), st
 
-    def _compiled_segment(self):  # noqa: ANN202 (``_segment_step`` bound to self, compiled)
+    def _compiled_segment(self, batch_size: int, dtype: torch.dtype):  # noqa: ANN202 (bound to self)
         # The memory's ``mem_compile``: the segment is ~150 small ops, launch-bound on a GPU. One
-        # compiled function per process; dynamo treats self as an input, so layers share it.
-        global _COMPILED_SEGMENT
-        if _COMPILED_SEGMENT is None:
-            _COMPILED_SEGMENT = torch.compile(TitansMAC._segment_step)
-        return functools.partial(_COMPILED_SEGMENT, self)
+        # compiled copy per static signature (see ``neural_memory.compiled``): dynamo treats self
+        # as an input and guards on its config's constants, so layers of one config share it.
+        key = (batch_size, repr(self.config), dtype, torch.is_grad_enabled())
+        return functools.partial(compiled(TitansMAC._segment_step, key), self)
 
     def _segment_step(
         self,
@@ -511,6 +518,3 @@ class TitansMAC(_Titans):
             read_y = read_y.to(x_dtype)
         gate = F.linear(read_y.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), fixed["w_gate"])
         return (y * torch.sigmoid(gate)).view(b, seg, dm), accs, moms, cs
-
-
-_COMPILED_SEGMENT = None  # torch.compile(TitansMAC._segment_step), built on first use

@@ -71,3 +71,56 @@ def test_compiled_memory_is_the_same_function(name: str) -> None:
     torch.testing.assert_close(gx1, gx0, rtol=1e-4, atol=1e-6)
     for (pname, _), a, b in zip(eager.named_parameters(), gp0, gp1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"gradient of {pname}")
+
+
+def test_compiled_memory_stays_compiled_across_mixers_and_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mem_compile`` in mixed use: every compiled memory mixer of one process, trained at
+    several lengths (a partial last chunk included) and batch sizes, then run without gradients
+    and decoded, stays within a few graphs per compiled function, so dynamo never falls back to
+    eager (one shared compiled ``chunk_step`` hit the recompile limit of 8: its graphs multiplied
+    with the objectives, None arguments, grad modes and lengths), and computes what eager does.
+
+    The limit is lowered to 4 here and made an error. The backend is ``aot_eager``: recompiles
+    are decided by dynamo's guards, before the backend, and inductor's codegen would take minutes
+    on a CPU; ``test_compiled_memory_is_the_same_function`` covers inductor.
+    """
+    import torch._dynamo
+
+    from memlab.mixers import neural_memory
+
+    monkeypatch.setattr(neural_memory, "_COMPILED", {})  # fresh compiled copies, with this backend
+    plain_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: plain_compile(fn, backend="aot_eager", **kw))
+    torch.manual_seed(0)
+    cfg = {"d_model": 16, "n_heads": 2, "chunk_size": 4, "mem_expansion": 2}
+    specs = [
+        ("titans_mac", {}), ("titans_mag", {"window": 8}), ("titans_mal", {"window": 8}),
+        ("moneta", {}), ("yaad", {}), ("memora", {}), ("moneta", {"mem_depth": 1}),
+    ]  # fmt: skip
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        for name, extra in specs:
+            eager = mixers.build(name, **cfg, **extra)
+            comp = mixers.build(name, **cfg, **extra, mem_compile=True)
+            comp.load_state_dict(eager.state_dict())
+            for b, t in ((2, 4 * 3 + 1), (2, 4 * 6), (3, 4 * 6)):  # training steps: lengths, batch sizes
+                x = torch.randn(b, t, 16)
+                ys = []
+                for m in (eager, comp):
+                    xi = x.clone().requires_grad_(True)
+                    y, _ = m.train()(xi)
+                    y.square().sum().backward()
+                    ys.append((y.detach(), xi.grad))
+                msg = f"{name} {extra} B={b} T={t}"
+                torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-5, msg=msg)
+            x, steps = torch.randn(1, 4 * 2 + 3, 16), torch.randn(1, 5, 16)
+            outs = []
+            for m in (eager, comp):  # without gradients, then token by token across a chunk boundary
+                with torch.no_grad():
+                    y, st = m.eval()(x)
+                    ys = [y]
+                    for i in range(steps.shape[1]):
+                        y, st = m(steps[:, i : i + 1], state=st)
+                        ys.append(y)
+                    ys.append(m(x, state=st)[0])
+                outs.append(torch.cat(ys, dim=1))
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5, msg=f"{name} {extra} eval")
