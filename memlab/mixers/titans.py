@@ -13,12 +13,18 @@ keys and values come from the attention's own projections, without a position).
   segment), the attention output y is written into the memory when the segment completes, and
   the output is ``y * sigmoid(M(y))``. The paper reads this gate from the memory *after* the
   segment's write, which would let a token see later tokens of its segment; here it is read
-  from the memory as of the segment's start so that the mixer stays causal.
+  from the memory as of the segment's start so that the mixer stays causal. The memory sees y
+  RMS-normalised (as the other variants see the LM's pre-normed x) and its reads (h and the
+  gate's) are RMS-normalised per head: y is an input of the memory and h an input of y, so raw,
+  a growing memory grew y, which grew the writes (a feedback loop: at init with a delta-rule
+  memory, y reached an RMS of 3e4 within 1024 tokens and the LM's gradient 1e4-1e5).
 - ``titans_mag`` (memory as gate): sliding-window attention with persistent tokens as prefix,
   and the memory branch on the same input, combined as ``norm(y) * sigmoid(norm(M(x)))``.
 - ``titans_mal`` (memory as layer): ``u = x + M(x)`` then sliding-window attention over u with the
   persistent prefix. The residual stands for the residual connection of the paper's separate
-  memory layer; without it the attention would see only the memory's reading of x.
+  memory layer; without it the attention would see only the memory's reading of x. The read is
+  RMS-normalised per head (as in Miras and titans-pytorch): raw, the outer loop grew the memory
+  (weights 85 -> 1e4 within 150 CPU passkey steps), u with it, and gradients to 6e5 at 1k tokens.
 
 Persistent tokens are not written into the memory: they are the same for every sequence, so
 their writes are absorbed by the memory's learned initial weights.
@@ -51,6 +57,13 @@ from memlab.mixers.neural_memory import (
     merge_heads,
 )
 from memlab.mixers.rope import rotary
+
+# Initial gain of the per-head RMSNorm of the memory's reads in MAC and MAL (``_norm_reads``): the
+# raw reads of the initial memory have an RMS of ~0.05, and at that size they leave the attention
+# free to learn first. At gain 1 the memory tokens, content-free at init, took half of MAC's
+# attention mass with full-size values, and a CPU passkey run (L 128, 2 seeds) stayed at chance
+# for 270 steps where the unnormalised MAC left it after ~180.
+_READ_GAIN_INIT = 0.05
 
 
 @dataclass(kw_only=True)
@@ -181,6 +194,18 @@ class _Titans(Mixer):
         self.check_input(x)
         return self.init_state(x.shape[0], x.device, x.dtype) if state is None else dict(state)
 
+    def _norm_reads(self, reads: torch.Tensor) -> torch.Tensor:
+        """Memory reads (B, H, T, D) -> per-head RMS-normalised, times the gain ``read_norm``.
+
+        MAC and MAL feed the read into the attention (as tokens, or added to its input), so its
+        scale is the memory's, which the outer loop moves by orders of magnitude (see the module
+        docstring); normalised, it is bounded whatever the memory weights are (as the Miras
+        mixers' reads, and titans-pytorch's post-RMSNorm). ``TitansMAC._segments`` folds the
+        gain into the weights after the read instead.
+        """
+        gain = self.read_norm.view(self.n_heads, 1, self.head_dim).to(reads.dtype)
+        return F.rms_norm(reads, (self.head_dim,)) * gain
+
 
 class _WindowTitans(_Titans):
     """MAG and MAL: sliding-window attention with a persistent prefix and a window KV cache."""
@@ -237,12 +262,16 @@ class TitansMAG(_WindowTitans):
 
 @register("titans_mal")
 class TitansMAL(_WindowTitans):
-    """Memory as a layer: ``SWA([persistent | x + M(x)])``."""
+    """Memory as a layer: ``SWA([persistent | x + M(x)])``, the read normalised per head."""
+
+    def __init__(self, config: TitansWindowConfig) -> None:
+        super().__init__(config)
+        self.read_norm = nn.Parameter(torch.full((config.d_model,), _READ_GAIN_INIT))  # 1-d: no decay
 
     def forward(self, x: torch.Tensor, *, state: State | None = None) -> tuple[torch.Tensor, State]:
         st = self._check_state(x, state)
         reads, st = self.memory.scan(x, st)
-        u = x + self.mem_out(merge_heads(reads))
+        u = x + self.mem_out(merge_heads(self._norm_reads(reads)))
         return self._attend(u, st)
 
 
@@ -255,6 +284,10 @@ class TitansMAC(_Titans):
     def __init__(self, config: TitansConfig) -> None:
         super().__init__(config)
         self.gate_out = nn.Linear(config.d_model, config.d_model, bias=False)
+        # 1-d gains (never weight-decayed): of the memory's reads (h and the gate's) and of the
+        # RMSNorm of y before the memory projects it (queries, keys, values, gates).
+        self.read_norm = nn.Parameter(torch.full((config.d_model,), _READ_GAIN_INIT))
+        self.norm_y = nn.Parameter(torch.ones(config.d_model))
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> State:
         st = self.memory.init_state(batch_size, device, dtype)
@@ -311,7 +344,7 @@ class TitansMAC(_Titans):
         scale = 1.0 / math.sqrt(self.head_dim)
         n = st["mem.n"]
         # memory tokens: the segment's queries read the memory as of the segment's start
-        h = self.memory.read(st, qm[:, :, i : i + m]).to(x_dtype)
+        h = self._norm_reads(self.memory.read(st, qm[:, :, i : i + m])).to(x_dtype)
         _, hk, hv = (self._split(p) for p in self.qkv(self.mem_out(merge_heads(h))).chunk(3, dim=-1))
         new = {
             "mac.hk": self._rope(hk, n),
@@ -331,11 +364,13 @@ class TitansMAC(_Titans):
         y = self.attn_out(
             merge_heads(F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale))
         )
+        # the memory sees y RMS-normalised, as the other variants see the LM's pre-normed x
+        yn = F.rms_norm(y, (self.config.d_model,), self.norm_y.to(y.dtype))
         # output gate read from the memory as of the segment's start (causal, see docstring)
-        qy, st["mac.conv_qy"] = self.memory.queries(y, st["mac.conv_qy"])
-        gate = self.gate_out(merge_heads(self.memory.read(st, qy).to(x_dtype)))
+        qy, st["mac.conv_qy"] = self.memory.queries(yn, st["mac.conv_qy"])
+        gate = self.gate_out(merge_heads(self._norm_reads(self.memory.read(st, qy)).to(x_dtype)))
         out = y * torch.sigmoid(gate)
-        ky, vy, gy, st["mem.conv_kv"] = self.memory.writes(y, st["mem.conv_kv"])
+        ky, vy, gy, st["mem.conv_kv"] = self.memory.writes(yn, st["mem.conv_kv"])
         st = self.memory.absorb(st, ky, vy, gy)
         if st["mem.n"] == 0:  # segment complete: its attention context is dropped
             st.update({name: torch.zeros_like(val) for name, val in buf.items()})
@@ -415,11 +450,14 @@ class TitansMAC(_Titans):
         mask = torch.cat([torch.ones(seg, pk.shape[2], dtype=torch.bool, device=dev), causal, causal], 1)
         dm = self.config.d_model
         # memory tokens' keys and values: the k, v rows of qkv after mem_out, as one matrix
-        w_kv = (self.qkv.weight[dm:] @ self.mem_out.weight).to(x_dtype)
-        w_attn, w_gate = self.attn_out.weight.to(x_dtype), self.gate_out.weight.to(x_dtype)
+        # (the read-norm gain folded in: the reads are normalised without a gain in the step)
+        w_kv = (self.qkv.weight[dm:] @ (self.mem_out.weight * self.read_norm)).to(x_dtype)
+        w_attn = self.attn_out.weight.to(x_dtype)
+        w_gate = (self.gate_out.weight * self.read_norm).to(x_dtype)
         upper = causal_log_mask(seg, sd, dev)
         w_y, b_y, conv, kv_perm = self._y_projection()
-        w_y, b_y = w_y.to(x_dtype), b_y.to(x_dtype)
+        # y's RMSNorm gain folded into its projection: the step applies the bare RMSNorm
+        w_y, b_y = (w_y * self.norm_y).to(x_dtype), b_y.to(x_dtype)
         if conv is not None:
             conv = conv.to(x_dtype)[:, 0]  # (C, K): depthwise, y[t] = sum_k conv[:, k] x[t + k]
             conv_kv = st["mem.conv_kv"]
@@ -482,7 +520,7 @@ class TitansMAC(_Titans):
         x_dtype, sd = q.dtype, accs[0].dtype
         cos, sin, conv = fixed["cos"], fixed["sin"], fixed["conv"]
         ws = [core.retention.weights(a) for a in accs]
-        hm = mlp_forward(ws, qm, core.residual_norm, core.ln_eps)[0]
+        hm = F.rms_norm(mlp_forward(ws, qm, core.residual_norm, core.ln_eps)[0], (d,))
         if hm.dtype != x_dtype:
             hm = hm.to(x_dtype)
         hkv = F.linear(hm.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), fixed["w_kv"])
@@ -495,7 +533,8 @@ class TitansMAC(_Titans):
         vals = torch.cat([fixed["pv"], hv, xv], dim=2)
         att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=fixed["mask"], scale=1.0 / math.sqrt(d))
         y = F.linear(att.transpose(1, 2).reshape(b * seg, dm), fixed["w_attn"])  # (B*N, d_model)
-        u = F.linear(y, fixed["w_y"], fixed["b_y"]).view(b, seg, -1)  # (B, N, 3 inner + 3 H)
+        # the memory's projections of RMSNorm(y) (gain folded into w_y): (B, N, 3 inner + 3 H)
+        u = F.linear(F.rms_norm(y, (dm,)), fixed["w_y"], fixed["b_y"]).view(b, seg, -1)
         a = u[..., : 3 * inner]
         if conv is not None:
             full = torch.cat([cs, a], dim=1)
@@ -514,6 +553,7 @@ class TitansMAC(_Titans):
         # y's reads and the write, as one chunk of the shared memory step
         coefs = core.coefs(log_g[0], lr, log_g[1], fixed["upper"])
         read_y, accs, moms = chunk_step(core, accs, moms, qk_y, vy, coefs, None, None)
+        read_y = F.rms_norm(read_y, (d,))
         if read_y.dtype != x_dtype:
             read_y = read_y.to(x_dtype)
         gate = F.linear(read_y.view(b, h, seg, d).transpose(1, 2).reshape(b * seg, dm), fixed["w_gate"])

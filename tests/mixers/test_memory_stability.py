@@ -114,3 +114,51 @@ def test_soft_clip_gradient_is_finite_where_a_token_writes_nothing(depth: int) -
         by_hand, _ = core.apply(accs, None, factors, (w * soft_clip_scale(norm, 1.0), *rest))
     for got, want in zip(new, by_hand, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# The passkey_h200 suite's delta-rule Titans (a linear memory, summed bias, a step of up to 1).
+DELTA = {
+    "mem_depth": 1,
+    "lr_max": 1.0,
+    "mem_loss_mean": False,
+    "mem_max_grad_norm": 1e6,
+    "mem_momentum_init": 0.001,
+}
+
+
+def test_mac_delta_lm_gradient_is_bounded() -> None:
+    """titans_mac_delta ended passkey_h200 in NaN. MAC reads the memory into its attention (h)
+    and writes the attention output y back: raw, a memory that grows (the delta rule's chunk step
+    expands it here from the first chunks) grew y, which grew the writes. At init y reached an
+    RMS of 3e4 within 1024 tokens and this LM's gradient was 8e4; normalising y before the memory
+    and the memory's reads per head bounds the loop (gradient ~5)."""
+    torch.manual_seed(0)
+    lm = LM.from_mixer("titans_mac", vocab_size=64, **SIZE, n_persistent=4, short_conv=4, **DELTA)
+    ids = torch.randint(0, 64, (2, 1024))
+    logits, _ = lm(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    norm = grad_norm([p.grad for p in lm.parameters() if p.grad is not None])
+    assert norm < 1e2, f"titans_mac_delta: LM gradient norm {norm:.3g} at 1024 tokens"
+
+
+@pytest.mark.parametrize("name", ["titans_mac", "titans_mal"])
+def test_output_does_not_scale_with_the_memory(name: str) -> None:
+    """MAC and MAL feed the memory's read into their attention. Raw, the read scales with the
+    memory weights, which the outer loop moves by orders of magnitude: titans_mal's grew from 85
+    to 1e4 within 150 CPU passkey steps (loss 10 at 1k tokens, gradients to 6e5; NaN on the
+    H100), and a memory 10x / 100x its initial size made the output 30x / 3000x larger. The reads
+    are normalised per head, so the output is the same whatever the memory's scale."""
+    extra = {"window": 64} if name == "titans_mal" else {}
+    x = torch.randn(1, 256, 128, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for scale in (1.0, 100.0):
+        torch.manual_seed(0)
+        layer = mixers.build(name, **SIZE, n_persistent=4, **extra)
+        with torch.no_grad():
+            for p in layer.memory.core.init_acc:
+                p.mul_(scale)  # a 2-layer memory: its reads scale by ~scale^2
+            outs.append(layer(x)[0])
+    rms = [o.pow(2).mean().sqrt().item() for o in outs]
+    assert 0.5 < rms[1] / rms[0] < 2, f"{name}: output RMS {rms[0]:.3g} -> {rms[1]:.3g} with a 100x memory"
