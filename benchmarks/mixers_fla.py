@@ -348,19 +348,17 @@ def main() -> None:
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     _VARIANT_S[0] = args.variant_s
     _MQAR_RECIPE[0] = args.mqar_recipe
+
+    def subset(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+        picked = tuple(k for k in text.split(",") if k)
+        unknown = [k for k in picked if k not in allowed]
+        if unknown:
+            ap.error(f"{flag}: {unknown} unknown; expected a comma-separated subset of {', '.join(allowed)}")
+        return picked
+
     if args.mqar_kinds is not None:
-        picked = tuple(k for k in args.mqar_kinds.split(",") if k)
-        bad = [k for k in picked if k not in MEMLAB_KINDS]
-        if bad:
-            ap.error(f"--mqar-kinds: {bad} unknown; expected a comma-separated subset of "
-                     f"{', '.join(MEMLAB_KINDS)}")
-        _MQAR_KINDS[0] = picked
-    kinds = tuple(k for k in args.fla_kinds.split(",") if k)
-    unknown = [k for k in kinds if k not in FLA_KINDS]
-    if unknown:
-        ap.error(f"--fla-kinds: {unknown} unknown; expected a comma-separated subset of "
-                 f"{', '.join(FLA_KINDS)}")
-    _FLA_KINDS[0] = kinds
+        _MQAR_KINDS[0] = subset("--mqar-kinds", args.mqar_kinds, MEMLAB_KINDS)
+    _FLA_KINDS[0] = subset("--fla-kinds", args.fla_kinds, FLA_KINDS)
     if args.skip_mqar:
         args.only = "throughput"
     import fla
