@@ -19,9 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memlab.bench.store import RunRecord, Store, _dumps, _encode_nonfinite  # noqa: E402
-
-_JSON_COLUMNS = ("config", "metrics", "env")
+from memlab.bench.store import RunRecord, Store, json_safe  # noqa: E402
 
 
 def _rows(path: Path, suite: str | None) -> list[dict[str, Any]]:
@@ -45,20 +43,16 @@ def export(paths: list[Path], suite: str | None, note: str) -> dict[str, Any]:
     devices = sorted({(r.get("env") or {}).get("device_name") or r.get("device") or "?"
                       for r in merged.values()})
     return {"benchmark": suite or "all suites", "command": note, "device": ", ".join(devices),
-            "runs": _encode_nonfinite(list(merged.values()))}
+            "runs": json_safe(list(merged.values()))}
 
 
 def write_store(runs: list[dict[str, Any]], path: Path) -> None:
     """The merged runs as a fresh SQLite store, for `memlab report --store PATH`."""
     if path.exists():
         raise FileExistsError(f"--sqlite {str(path)!r} exists; pass a new path")
+    cols = [f.name for f in dataclasses.fields(RunRecord)]
     with Store(path) as store:
-        cols = [f.name for f in dataclasses.fields(RunRecord)]
-        sql = f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-        with store._transaction() as cur:
-            for run in runs:
-                cur.execute(sql, [_dumps(run[c]) if c in _JSON_COLUMNS and run[c] is not None else run[c]
-                                  for c in cols])
+        store.insert([RunRecord(**{c: run[c] for c in cols}) for run in runs])
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ writer. A row left ``running`` by a process that no longer exists is stale: the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -89,6 +90,11 @@ def _dumps(obj: Any) -> str:
     # NaN/inf are legal metric values (a diverged loss); JSON has no literal for them, so they
     # are stored as strings and read back by ``_loads``.
     return json.dumps(_encode_nonfinite(obj), sort_keys=True)
+
+
+def json_safe(obj: Any) -> Any:
+    """obj with NaN and infinities as the strings "nan", "inf", "-inf", as the store keeps them."""
+    return _encode_nonfinite(obj)
 
 
 def _encode_nonfinite(obj: Any) -> Any:
@@ -358,6 +364,21 @@ class Store:
     def fail(self, run_id: str, error: str, *, interrupted: bool = False) -> None:
         """running -> failed (kept, with its traceback) or interrupted (re-run next time)."""
         self._finish(run_id, "interrupted" if interrupted else "failed", None, error)
+
+    def insert(self, records: list[RunRecord]) -> None:
+        """Add finished runs as they are (e.g. runs of other stores merged into this one), in one
+        transaction; a run id already here is an error, never a silent overwrite."""
+        cols = [f.name for f in dataclasses.fields(RunRecord)]
+        sql = f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        with self._transaction() as cur:
+            for rec in records:
+                row = {c: getattr(rec, c) for c in cols}
+                for c in ("config", "metrics", "env"):  # the JSON columns
+                    row[c] = None if row[c] is None else _dumps(row[c])
+                try:
+                    cur.execute(sql, [row[c] for c in cols])
+                except sqlite3.IntegrityError as exc:
+                    raise ValueError(f"run {rec.id!r} is already in store {str(self.path)!r}") from exc
 
     def delete(self, run_ids: list[str]) -> int:
         """Forget runs (so the next ``memlab run`` recomputes them); returns how many were removed."""

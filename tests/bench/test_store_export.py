@@ -69,3 +69,13 @@ def test_json_export_feeds_a_later_merge_and_a_store(store_export, tmp_path: Pat
 def test_missing_store_is_named(store_export, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.sqlite"):
         store_export.export([tmp_path / "nowhere.sqlite"], None, "")
+
+
+def test_insert_refuses_a_run_id_already_held(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    fill(db, {"a": {"acc": 0.5}})
+    with Store(db) as store:
+        rec = store.get("a")
+        with pytest.raises(ValueError, match="run 'a' is already in store"):
+            store.insert([rec])
+        assert store.get("a").metrics == {"acc": 0.5}
