@@ -94,6 +94,10 @@ def _is_number(x: object) -> bool:
 class TrainResult:
     """What a run measured. ``losses`` has one entry per optimizer step; accuracies are per eval set.
 
+    ``epoch_history`` has one entry per evaluated epoch: ``epoch`` (1-based), ``steps`` (optimizer
+    steps so far), ``mean_loss`` (over that epoch's steps) and ``accuracy`` (eval set -> accuracy),
+    so a learning curve survives the run: where a run stalled, not only where it ended.
+
     ``tokens_per_s`` counts training tokens over pure training time (evaluation excluded);
     ``peak_memory_bytes`` is ``torch.cuda.max_memory_allocated`` on CUDA, else the process's RSS
     high-water mark (which covers the whole process, not only this run).
@@ -102,6 +106,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     eval_accuracy: dict[str, float] = field(default_factory=dict)
     best_accuracy: dict[str, float] = field(default_factory=dict)
+    epoch_history: list[dict] = field(default_factory=list)
     epochs_run: int = 0
     steps: int = 0
     train_tokens: int = 0
@@ -365,6 +370,10 @@ def train(
                 for name, d in evals.items()
             }
             result.eval_accuracy = accs
+            epoch_loss = torch.stack(epoch_losses).float().mean().item()
+            result.epoch_history.append(
+                {"epoch": epoch + 1, "steps": step, "mean_loss": epoch_loss, "accuracy": dict(accs)}
+            )
             for name, acc in accs.items():
                 result.best_accuracy[name] = max(acc, result.best_accuracy.get(name, 0.0))
             shown = " ".join(f"{n}={a:.3f}" for n, a in accs.items())

@@ -85,6 +85,14 @@ def test_early_stop_at_target_accuracy() -> None:
         assert result.best_accuracy[name] >= acc
     assert result.tokens_per_s > 0 and result.peak_memory_bytes > 0
     assert result.wall_s >= result.train_tokens / result.tokens_per_s
+    # One history entry per epoch: its step count, the mean of its losses, its evaluation.
+    hist = result.epoch_history
+    assert [h["epoch"] for h in hist] == list(range(1, result.epochs_run + 1))
+    assert [h["steps"] for h in hist] == [16 * (i + 1) for i in range(result.epochs_run)]
+    for i, h in enumerate(hist):
+        assert h["mean_loss"] == pytest.approx(sum(result.losses[16 * i:16 * (i + 1)]) / 16, rel=1e-5)
+    assert hist[-1]["accuracy"] == result.eval_accuracy
+    assert max(h["accuracy"]["a"] for h in hist) == result.best_accuracy["a"]
 
 
 def test_time_cap_stops_evaluates_and_anneals(recorder: StepRecorder, monkeypatch) -> None:

@@ -107,6 +107,9 @@ def training_metrics(result: TrainResult, tc: TrainConfig, t0: float) -> dict[st
         "stopped_early": result.stopped_early,
         "stopped_by_time": result.stopped_by_time,
         "final_loss": result.losses[-1] if result.losses else None,
+        # Per epoch: steps, mean loss, eval accuracy (the last batch's loss alone can mislead,
+        # e.g. a short batch that attention solves within one memory chunk).
+        "epoch_history": result.epoch_history,
         "peak_memory_bytes": result.peak_memory_bytes,
         "wall_s": time.perf_counter() - t0,
         "train_config": dataclasses.asdict(tc),
