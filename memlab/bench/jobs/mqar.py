@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import time
 from collections import defaultdict
@@ -56,6 +55,7 @@ from memlab.bench.jobs.base import (
     grid,
     register_job,
 )
+from memlab.bench.jobs.training_summary import training_end, training_metrics
 from memlab.bench.measure import prefill_state_bytes
 from memlab.bench.report import (
     Figure,
@@ -72,7 +72,7 @@ from memlab.bench.store import RunRecord
 from memlab.models.lm import LM
 from memlab.registry import make_config
 from memlab.tasks import TokenData
-from memlab.train import TrainConfig, TrainResult, seed_everything, train
+from memlab.train import TrainConfig, seed_everything, train
 
 SECTION_KEYS = {
     "job",
@@ -94,38 +94,6 @@ MIXER_KEYS = {"name", "label", "options", "sweep", "d_model", "lr", "train", "op
 # and benchmark runs keep no checkpoints.
 _TRAIN_RESERVED = {"lr", "seed", "progress", "checkpoint"}
 _ABBREV = {"seq_len": "L", "num_pairs": "kv"}
-
-
-def training_metrics(result: TrainResult, tc: TrainConfig, t0: float) -> dict[str, Any]:
-    """The metrics every training run kind stores: throughput, steps, loss, memory, wall time."""
-    return {
-        "train_tokens_per_s": result.tokens_per_s,
-        "train_tokens": result.train_tokens,
-        "train_wall_s": result.wall_s,
-        "steps": result.steps,
-        "epochs_run": result.epochs_run,
-        "stopped_early": result.stopped_early,
-        "stopped_by_time": result.stopped_by_time,
-        "final_loss": result.losses[-1] if result.losses else None,
-        # Per epoch: steps, mean loss, eval accuracy (the last batch's loss alone can mislead,
-        # e.g. a short batch that attention solves within one memory chunk).
-        "epoch_history": result.epoch_history,
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "wall_s": time.perf_counter() - t0,
-        "train_config": dataclasses.asdict(tc),
-    }
-
-
-def training_end(metrics: dict[str, Any]) -> str:
-    """How a run's training ended, for report tables: a diverged or time-capped run must show."""
-    loss = metrics.get("final_loss")
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        return "diverged (loss not finite)"
-    if metrics.get("stopped_by_time"):
-        return f"time cap ({metrics.get('steps')} steps)"
-    if metrics.get("stopped_early"):
-        return "target reached"
-    return "all epochs"
 
 
 def set_name(options: dict[str, Any]) -> str:

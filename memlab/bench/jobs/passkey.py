@@ -58,9 +58,8 @@ from memlab.bench.jobs.mqar import (
     best_lr_runs,
     line_key,
     set_name,
-    training_end,
-    training_metrics,
 )
+from memlab.bench.jobs.training_summary import training_end, training_metrics
 from memlab.bench.measure import peak_memory
 from memlab.bench.report import (
     Figure,
