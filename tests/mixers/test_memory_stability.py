@@ -53,17 +53,22 @@ def test_long_sequence_outputs_and_grads_finite(name: str) -> None:
     assert norm < 1e4, f"{name}: gradient norm {norm:.3g} after 64 chunks"
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_two_layer_lm_gradient_is_bounded(name: str) -> None:
-    """The passkey setting: a 2-layer LM, 2 x 2048 random tokens (32 chunks), next-token loss."""
-    torch.manual_seed(0)
-    lm = LM.from_mixer(name, vocab_size=64, **SIZE, **CASES[name])
-    ids = torch.randint(0, 64, (2, 2048))
+def lm_gradient_norm(lm: LM, seq_len: int) -> torch.Tensor:
+    """Gradient norm of the next-token loss of 2 random sequences of seq_len tokens (vocab 64);
+    the loss itself must be finite."""
+    ids = torch.randint(0, 64, (2, seq_len))
     logits, _ = lm(ids)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
     assert torch.isfinite(loss)
     loss.backward()
-    norm = grad_norm([p.grad for p in lm.parameters() if p.grad is not None])
+    return grad_norm([p.grad for p in lm.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_layer_lm_gradient_is_bounded(name: str) -> None:
+    """The passkey setting: a 2-layer LM, 2 x 2048 random tokens (32 chunks), next-token loss."""
+    torch.manual_seed(0)
+    norm = lm_gradient_norm(LM.from_mixer(name, vocab_size=64, **SIZE, **CASES[name]), 2048)
     assert norm < 1e4, f"{name}: LM gradient norm {norm:.3g} at 2048 tokens"
 
 
@@ -134,12 +139,7 @@ def test_mac_delta_lm_gradient_is_bounded() -> None:
     and the memory's reads per head bounds the loop (gradient ~5)."""
     torch.manual_seed(0)
     lm = LM.from_mixer("titans_mac", vocab_size=64, **SIZE, n_persistent=4, short_conv=4, **DELTA)
-    ids = torch.randint(0, 64, (2, 1024))
-    logits, _ = lm(ids)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-    assert torch.isfinite(loss)
-    loss.backward()
-    norm = grad_norm([p.grad for p in lm.parameters() if p.grad is not None])
+    norm = lm_gradient_norm(lm, 1024)
     assert norm < 1e2, f"titans_mac_delta: LM gradient norm {norm:.3g} at 1024 tokens"
 
 
