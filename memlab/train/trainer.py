@@ -362,7 +362,8 @@ def train(
                     }
                     result.best_accuracy = dict(result.eval_accuracy)
                 break
-            result.losses += torch.stack(epoch_losses).tolist()
+            epoch_loss_values = torch.stack(epoch_losses).tolist()
+            result.losses += epoch_loss_values
             result.epochs_run = epoch + 1
 
             accs = {
@@ -370,10 +371,10 @@ def train(
                 for name, d in evals.items()
             }
             result.eval_accuracy = accs
-            epoch_loss = torch.stack(epoch_losses).float().mean().item()
-            result.epoch_history.append(
-                {"epoch": epoch + 1, "steps": step, "mean_loss": epoch_loss, "accuracy": dict(accs)}
-            )
+            result.epoch_history.append({
+                "epoch": epoch + 1, "steps": step, "accuracy": dict(accs),
+                "mean_loss": math.fsum(epoch_loss_values) / len(epoch_loss_values),
+            })  # fmt: skip
             for name, acc in accs.items():
                 result.best_accuracy[name] = max(acc, result.best_accuracy.get(name, 0.0))
             shown = " ".join(f"{n}={a:.3f}" for n, a in accs.items())
