@@ -3,7 +3,7 @@
 # mqar_h200 reruns, as PROCS processes sharing the GPU and one store per suite. Training is capped
 # in seconds (max_train_s), so processes sharing the GPU train fewer steps: the stored steps and
 # epochs say how far each run got, and the report shows them. Timeouts count back from END.
-# PASSKEY=none skips the passkey runs.
+# PASSKEY=none skips the passkey runs. The default filter also takes the suite's `... compiled` rows.
 export PYTHONPATH=$PWD
 END=${END:-560}
 PROCS=${PROCS:-3}
